@@ -1,0 +1,81 @@
+"""The ``albef-bal`` command (also ``python -m albef_bal``).
+
+Argument parsing only lives here, so ``--help`` is instant; each subcommand imports what it
+needs when it runs. To add a subcommand, write ``add_<name>(subparsers)`` that registers its
+arguments and sets ``func`` to a ``run`` function, and list it in ``SUBCOMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", action="append", default=[], required=required, metavar="YAML",
+                   help="config file (repeatable; later files override earlier ones)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one setting, e.g. --set model.text.heads=4 (repeatable; values are YAML)")
+
+
+# ---------------------------------------------------------------------- convert
+def add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert an official ALBEF checkpoint to model.safetensors + config.yaml",
+        description="Convert an official ALBEF checkpoint (ALBEF.pth, ALBEF_4M.pth, mscoco.pth, flickr30k.pth) "
+                    "into OUT_DIR/model.safetensors and the resolved OUT_DIR/config.yaml. Architecture sizes "
+                    "are read from the tensor shapes; the rest comes from --config/--set.")
+    p.add_argument("kind", choices=["albef"], help="checkpoint family")
+    p.add_argument("src", help="input checkpoint (.pth or .safetensors)")
+    p.add_argument("out_dir", help="output directory")
+    add_config_args(p)
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    from .checkpoints import convert_albef
+    from .config import load_config
+    cfg = load_config(args.config or None, args.overrides, validate=False)
+    cfg, report = convert_albef(args.src, args.out_dir, cfg)
+    m = cfg.model
+    kind = "retrieval" if m.retrieval else "pretraining"
+    print(f"{args.src}: {kind} checkpoint, image {m.image_res}px, ViT width {m.vision.width} depth "
+          f"{m.vision.depth}, BERT width {m.text.width} layers {m.text.layers} (fusion from "
+          f"{m.text.fusion_layer}), embed {m.embed_dim}, queue {m.queue_size}")
+    print(report)
+    print(f"wrote {args.out_dir}/model.safetensors and {args.out_dir}/config.yaml")
+    return 0
+
+
+SUBCOMMANDS = [add_convert]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="albef-bal",
+        description="ALBEF vision-language pretraining with DeepSpeed, WebDataset and modality balancing.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"albef-bal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .checkpoints import CheckpointError
+    from .config import ConfigError
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError) as e:
+        print(f"albef-bal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,424 @@
+"""Typed configuration: a dataclass schema, YAML files, dotted overrides, validation.
+
+A config is built in three layers, later ones winning:
+
+1. the defaults below (the paper's settings for ALBEF-base),
+2. one or more YAML files (a file may name others in ``_base_`` to inherit from),
+3. ``--set section.key=value`` overrides from the command line (values parsed as YAML).
+
+Everything is checked before any computation starts: unknown keys (with a suggestion),
+wrong types and impossible combinations raise :class:`ConfigError` naming the dotted key.
+
+Each section is a plain dataclass. To add a setting, add a typed field with a default and,
+if it constrains other fields, a check in that section's ``validate``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file, where known)."""
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class VisionConfig:
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    # "vit": the built-in ViT (timm parameter names, no timm needed). Any other value is
+    # a timm model name (e.g. "vit_base_patch16_224"); that needs `pip install .[timm]`.
+    backbone: str = "vit"
+    drop_path: float = 0.0
+    init_std: float = 0.02
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "patch_size", "width", "depth", "heads", "mlp_ratio")
+        if self.width % self.heads:
+            raise ConfigError(f"{key}.width ({self.width}) must be divisible by {key}.heads ({self.heads})")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{key}.drop_path must be in [0, 1), got {self.drop_path}")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30522
+    width: int = 768
+    layers: int = 12
+    # layers [0, fusion_layer) read text only; [fusion_layer, layers) add cross-attention
+    fusion_layer: int = 6
+    heads: int = 12
+    intermediate: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    init_std: float = 0.02
+    # special token ids (BERT wordpiece defaults); set from the tokenizer when it differs
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "vocab_size", "width", "layers", "heads", "intermediate", "max_position")
+        if self.width % self.heads:
+            raise ConfigError(f"{key}.width ({self.width}) must be divisible by {key}.heads ({self.heads})")
+        if not 0 <= self.fusion_layer <= self.layers:
+            raise ConfigError(
+                f"{key}.fusion_layer must be in [0, {key}.layers={self.layers}], got {self.fusion_layer}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+            v = getattr(self, name)
+            if not 0 <= v < self.vocab_size:
+                raise ConfigError(f"{key}.{name}={v} is outside the vocabulary (vocab_size={self.vocab_size})")
+
+
+@dataclass
+class LossWeights:
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    image_res: int = 256
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    queue_size: int = 65536
+    momentum: float = 0.995
+    temp: float = 0.07
+    alpha: float = 0.4
+    mlm_probability: float = 0.15
+    # momentum distillation of ITC and MLM targets (alpha > 0); False = one-hot targets
+    distill: bool = True
+    # retrieval fine-tuning model: image-id positives, id queue, no MLM
+    retrieval: bool = False
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    # recompute ViT/BERT layer activations in backward (saves memory, costs ~30% time)
+    grad_checkpointing: bool = False
+    # optional initial weights: an HF BERT directory for the text encoder, a timm/DeiT
+    # state dict (.pth/.safetensors) for the image encoder
+    init_text: Optional[str] = None
+    init_vision: Optional[str] = None
+
+    def validate(self, key: str) -> None:
+        self.vision.validate(f"{key}.vision")
+        self.text.validate(f"{key}.text")
+        _positive(self, key, "image_res", "embed_dim", "queue_size", "temp")
+        if self.image_res % self.vision.patch_size:
+            raise ConfigError(f"{key}.image_res ({self.image_res}) must be a multiple of "
+                              f"{key}.vision.patch_size ({self.vision.patch_size})")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{key}.momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{key}.alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"{key}.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not 0.001 <= self.temp <= 0.5:
+            raise ConfigError(f"{key}.temp must be in the clamp range [0.001, 0.5], got {self.temp}")
+        if self.text.fusion_layer == self.text.layers:
+            raise ConfigError(f"{key}.text.fusion_layer equals {key}.text.layers ({self.text.layers}): "
+                              "ALBEF needs at least one fusion (cross-attention) layer")
+
+
+@dataclass
+class DataConfig:
+    # pretraining shards: a path, brace pattern ("shards/{00000..00099}.tar"), "pipe:" URL,
+    # or a list of them
+    train_shards: Union[str, list[str]] = ""
+    # a retrieval split for validation/evaluation: annotation JSON (+ image_root) or shards
+    val_split: Optional[str] = None
+    val_image_root: Optional[str] = None
+    test_split: Optional[str] = None
+    test_image_root: Optional[str] = None
+    # tokenizer: a directory with vocab.txt (HF layout) or a vocab.txt file
+    tokenizer: str = "bert-base-uncased"
+    max_len: int = 25
+    max_words: int = 30
+    # BERT adds [SEP] after the text; ALBEF's own tokenizer does not (set False to match it)
+    add_sep: bool = True
+    num_workers: int = 4
+    shuffle_buffer: int = 2000
+    samples_per_epoch: int = 0
+    rand_aug: bool = True
+    crop_scale_min: float = 0.2
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "max_len", "max_words")
+        if self.num_workers < 0:
+            raise ConfigError(f"{key}.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ConfigError(f"{key}.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/pretrain"
+    seed: int = 42
+    epochs: int = 30
+    micro_batch_size: int = 64
+    grad_accum: int = 1
+    # optional: checked against micro_batch_size x grad_accum x world size at start-up
+    global_batch_size: Optional[int] = None
+    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    zero_stage: Optional[int] = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.02
+    grad_clip: float = 0.0
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    max_nonfinite: int = 10
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "epochs", "micro_batch_size", "grad_accum", "lr", "keep_last", "log_every")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{key}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class BalanceConfig:
+    method: Literal["none", "ogm_ge", "gblend", "mmpareto", "relearn"] = "none"
+
+
+@dataclass
+class EvalConfig:
+    k_test: int = 256
+    batch_size: int = 64
+
+    def validate(self, key: str) -> None:
+        if self.k_test < 0:
+            raise ConfigError(f"{key}.k_test must be >= 0, got {self.k_test}")
+        _positive(self, key, "batch_size")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        """Check every section and the combinations across them; return self."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        if self.data.max_len > self.model.text.max_position:
+            raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.text.max_position "
+                              f"({self.model.text.max_position})")
+        return self
+
+
+def _positive(obj: Any, key: str, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is None or v <= 0:
+            raise ConfigError(f"{key}.{name} must be > 0, got {v}")
+
+
+# ------------------------------------------------------------------ dict <-> dataclass
+def to_dict(cfg: Any) -> Any:
+    """Plain dicts/lists (YAML-safe) from a config or any section of it."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def from_dict(cls: type, data: Any, key: str = "", source: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, strictly: unknown keys and wrong types raise."""
+    where = f" (in {source})" if source else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'} must be a mapping, got {type(data).__name__}{where}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{key}.{k}" if key else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean '{(key + '.') if key else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{where}{hint}")
+        kwargs[k] = _coerce(hints[k], v, full, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, key: str, source: str) -> Any:
+    where = f" (in {source})" if source else ""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, key, source)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {v!r}{where}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if v not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {v!r}{where}")
+        return v
+    if origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {v!r}{where}")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(inner, x, f"{key}[{i}]", source) for i, x in enumerate(v)]
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {v!r}{where}")
+        _, inner = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(inner, x, f"{key}.{k}", source) for k, x in v.items()}
+    if tp is Any:
+        return v
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    elif tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(v, str):
+            return v
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {v!r} ({type(v).__name__}){where}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + str(list(typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+# ------------------------------------------------------------------------ loading
+def read_yaml(path: str) -> dict:
+    """Read a YAML config file, resolving ``_base_`` inheritance (relative paths)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    bases = data.pop("_base_", None)
+    if bases is None:
+        return data
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        merged = merge(merged, read_yaml(base_path))
+    return merge(merged, data)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; ``over`` wins; lists are replaced, not concatenated."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.text.heads=4"`` -> (["model", "text", "heads"], 4); the value is YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}': bad key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for p in path[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[path[-1]] = value
+    return out
+
+
+def load_config(paths: Union[str, typing.Sequence[str], None] = None,
+                overrides: typing.Iterable[str] = (), validate: bool = True) -> Config:
+    """Defaults <- YAML file(s) <- ``--set`` overrides, then validated."""
+    if isinstance(paths, str):
+        paths = [paths]
+    data: dict = {}
+    source = ", ".join(paths or []) or "defaults"
+    for p in paths or []:
+        data = merge(data, read_yaml(p))
+    overrides = list(overrides)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set overrides"
+    cfg = from_dict(Config, data, source=source)
+    return cfg.validate() if validate else cfg
+
+
+def config_from_dict(data: dict, source: str = "") -> Config:
+    return from_dict(Config, data, source=source).validate()
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the fully resolved config (every key) as YAML."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,48 @@
+"""Small torch.distributed helpers that work the same with one process and many."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, in rank order (no gradient)."""
+    if get_world_size() == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(out, tensor)
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (returns a new tensor; a no-op copy with one process)."""
+    tensor = tensor.detach().clone()
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= get_world_size()
+    return tensor
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()

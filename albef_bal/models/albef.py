@@ -1,0 +1,317 @@
+"""ALBEF: align (ITC) before fusing (ITM, MLM), with momentum distillation.
+
+One class serves pretraining and retrieval fine-tuning (``model.retrieval``): the
+retrieval model has an image-id queue, treats same-id pairs as ITC positives and as
+forbidden ITM negatives, and has no MLM head.
+
+The forward runs, per batch of B pairs:
+  - online image pass; one online text pass over [text ; masked text] (2B);
+  - momentum image pass; one momentum text pass over [text ; masked text];
+  - ITC against [momentum batch ; queue], distilled from the momentum logits;
+  - one fusion pass over 4B pairs: ITM positives, ITM negatives both ways, MLM;
+  - MLM heads on the masked positions only (the 30k-way softmax on ~15% of tokens).
+Mathematically this is ALBEF's forward; the batching only saves passes.
+
+Public feature API (evaluation, retrieval indexes, balancing methods):
+``encode_image``, ``encode_text``, ``image_feat``, ``text_feat``, ``fuse``, ``itm_head``,
+``mlm_head``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..distributed import concat_all_gather
+from ..losses import (clamp_temperature, itc_positive_mask, itc_targets, mask_tokens, mlm_loss,
+                      positive_score, sample_hard_negatives, soft_cross_entropy)
+from .text import MLMHead, TextEncoder
+from .vit import build_vision_encoder
+
+# A branch hook sees each online branch output (``"vision"``: image tokens, ``"text"``: text
+# tokens) and returns the tensor to use instead; balancing methods use it for gradient
+# scaling identities. It must be an identity in the forward direction.
+BranchHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ALBEFOutput:
+    """Separate losses, the per-branch ITC halves and branch scores, and cheap metrics."""
+    loss_itc: torch.Tensor
+    loss_i2t: torch.Tensor  # image-to-text half: gradient reaches the vision branch only
+    loss_t2i: torch.Tensor  # text-to-image half: gradient reaches the text branch only
+    loss_itm: torch.Tensor
+    loss_mlm: Optional[torch.Tensor]  # None for the retrieval model
+    score_v: torch.Tensor  # mean softmax probability of the positive, image-to-text
+    score_t: torch.Tensor  # same, text-to-image
+    metrics: dict = field(default_factory=dict)
+
+    def total(self, itc: float = 1.0, itm: float = 1.0, mlm: float = 1.0) -> torch.Tensor:
+        loss = itc * self.loss_itc + itm * self.loss_itm
+        return loss if self.loss_mlm is None else loss + mlm * self.loss_mlm
+
+    def multimodal(self) -> torch.Tensor:
+        """ITM + MLM: the losses that reach both branches through the fusion layers."""
+        return self.loss_itm if self.loss_mlm is None else self.loss_itm + self.loss_mlm
+
+    def scalars(self) -> dict[str, float]:
+        out = {k: float(getattr(self, k).detach()) for k in
+               ("loss_itc", "loss_i2t", "loss_t2i", "loss_itm", "score_v", "score_t")}
+        if self.loss_mlm is not None:
+            out["loss_mlm"] = float(self.loss_mlm.detach())
+        out.update({k: float(v.detach()) for k, v in self.metrics.items()})
+        return out
+
+
+class ALBEF(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.text
+        self.retrieval = cfg.retrieval
+        self.visual_encoder = build_vision_encoder(cfg.image_res, cfg.vision)
+        vision_width = self.visual_encoder.num_features
+        self.text_encoder = TextEncoder(t, encoder_width=vision_width)
+        self.vision_proj = nn.Linear(vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(t.width, cfg.embed_dim)
+        self.itm_head = nn.Linear(t.width, 2)
+        # shape [1], not 0-dim: deepspeed.initialize rejects 0-dim parameters
+        self.temp = nn.Parameter(torch.full([1], float(cfg.temp)))
+        self.mlm_head = None if cfg.retrieval else MLMHead(
+            self.text_encoder.embeddings.word_embeddings, t.layer_norm_eps, t.init_std)
+
+        # momentum copies: same architecture, EMA of the online weights, never trained
+        self.visual_encoder_m = build_vision_encoder(cfg.image_res, cfg.vision)
+        self.text_encoder_m = TextEncoder(t, encoder_width=vision_width)
+        self.vision_proj_m = nn.Linear(vision_width, cfg.embed_dim)
+        self.text_proj_m = nn.Linear(t.width, cfg.embed_dim)
+        self.mlm_head_m = None if cfg.retrieval else MLMHead(
+            self.text_encoder_m.embeddings.word_embeddings, t.layer_norm_eps, t.init_std)
+        self.copy_params()
+
+        q = cfg.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if cfg.retrieval:
+            self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
+        self.branch_hook: Optional[BranchHook] = None
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    # ----------------------------------------------------------------- structure
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pairs = [(self.visual_encoder, self.visual_encoder_m), (self.vision_proj, self.vision_proj_m),
+                 (self.text_encoder, self.text_encoder_m), (self.text_proj, self.text_proj_m)]
+        if self.mlm_head is not None:
+            pairs.append((self.mlm_head, self.mlm_head_m))
+        return pairs
+
+    def _param_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        online, momentum = [], []
+        for a, b in self.momentum_pairs():
+            for p, p_m in zip(a.parameters(), b.parameters()):
+                online.append(p)
+                momentum.append(p_m)
+        return online, momentum
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Momentum weights := online weights (at construction and after loading)."""
+        online, momentum = self._param_pairs()
+        for p, p_m in zip(online, momentum):
+            p_m.data.copy_(p.data)
+            p_m.requires_grad_(False)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_m <- m * theta_m + (1 - m) * theta, over every momentum pair."""
+        m = self.cfg.momentum
+        online, momentum = self._param_pairs()
+        same = all(p.dtype == p_m.dtype and p.device == p_m.device for p, p_m in zip(online, momentum))
+        if same:
+            torch._foreach_mul_(momentum, m)
+            torch._foreach_add_(momentum, online, alpha=1.0 - m)
+        else:
+            for p, p_m in zip(online, momentum):
+                p_m.mul_(m).add_(p.to(p_m.dtype), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                            idx: Optional[torch.Tensor] = None) -> None:
+        """Write the momentum features of every rank into the queues at the pointer."""
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        n = image_feats.shape[0]
+        q = self.cfg.queue_size
+        if q % n:
+            raise ValueError(f"model.queue_size ({q}) must be a multiple of the global micro batch "
+                             f"(micro batch x ranks = {n})")
+        ptr = int(self.queue_ptr)
+        self.image_queue[:, ptr:ptr + n] = image_feats.T
+        self.text_queue[:, ptr:ptr + n] = text_feats.T
+        if self.retrieval:
+            self.idx_queue[:, ptr:ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
+        self.queue_ptr[0] = (ptr + n) % q
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for enc in (self.visual_encoder, self.text_encoder):
+            enc.set_grad_checkpointing(enable)
+
+    def temperature(self) -> torch.Tensor:
+        return clamp_temperature(self.temp)
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the temperature parameter itself (call after optimizer steps)."""
+        self.temp.clamp_(0.001, 0.5)
+
+    # ------------------------------------------------------------ feature API
+    def _hook(self, branch: str, x: torch.Tensor) -> torch.Tensor:
+        return x if self.branch_hook is None else self.branch_hook(branch, x)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, 1 + P, Dv] (CLS first)."""
+        return self._hook("vision", self.visual_encoder.forward_features(images))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text tokens [B, L, Dt] from the text-only layers."""
+        return self._hook("text", self.text_encoder.forward_text(input_ids, attention_mask))
+
+    def image_feat(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projection of the image CLS token [B, embed_dim]."""
+        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_feat(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projection of the text CLS token [B, embed_dim]."""
+        return F.normalize(self.text_proj(text_tokens[:, 0]), dim=-1)
+
+    def fuse(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor,
+             image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fusion layers (cross-attention to the image tokens) -> fused tokens [B, L, Dt]."""
+        return self.text_encoder.forward_fusion(text_tokens, attention_mask, image_tokens, image_mask)
+
+    def itm_logits(self, fused_tokens: torch.Tensor) -> torch.Tensor:
+        """ITM logits [B, 2] (index 1 = match) from the fused CLS token."""
+        return self.itm_head(fused_tokens[:, 0])
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                alpha: float = 0.0, idx: Optional[torch.Tensor] = None, update: bool = True) -> ALBEFOutput:
+        """Losses of one batch.
+
+        ``idx`` (image ids, [B]) is required by the retrieval model; in pretraining it is
+        optional and only keeps same-image pairs out of the ITM negatives. ``update=False``
+        leaves the momentum weights and the queues untouched (held-out loss measurements).
+        """
+        cfg = self.cfg
+        if self.retrieval and idx is None:
+            raise ValueError("the retrieval model needs image ids (idx) for every pair")
+        B = image.shape[0]
+        temp = self.temperature()
+        distill = cfg.distill
+
+        if self.mlm_head is not None:
+            t = cfg.text
+            masked_ids, labels = mask_tokens(input_ids, t.vocab_size, t.mask_token_id,
+                                             (t.pad_token_id, t.cls_token_id, t.sep_token_id),
+                                             cfg.mlm_probability)
+            ids_both = torch.cat([input_ids, masked_ids])
+            mask_both = torch.cat([attention_mask, attention_mask])
+        else:
+            ids_both, mask_both = input_ids, attention_mask
+
+        # ---- online unimodal passes
+        image_tokens = self.encode_image(image)
+        image_feat = self.image_feat(image_tokens)
+        text_tokens_both = self.encode_text(ids_both, mask_both)
+        text_tokens = text_tokens_both[:B]
+        text_feat = self.text_feat(text_tokens)
+
+        # ---- momentum passes (no gradient)
+        with torch.no_grad():
+            if update:
+                self.momentum_update()
+            image_tokens_m = self.visual_encoder_m.forward_features(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
+            text_tokens_m_both = self.text_encoder_m.forward_text(ids_both, mask_both)
+            text_feat_m = F.normalize(self.text_proj_m(text_tokens_m_both[:B, 0]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
+            pos = itc_positive_mask(B, cfg.queue_size, idx if self.retrieval else None,
+                                    self.idx_queue if self.retrieval else None, device=image.device)
+            if distill:
+                i2t_targets = itc_targets(pos, image_feat_m @ text_feat_all / temp, alpha)
+                t2i_targets = itc_targets(pos, text_feat_m @ image_feat_all / temp, alpha)
+            else:
+                i2t_targets = t2i_targets = itc_targets(pos, None, alpha)
+
+        # ---- ITC: each half trains one branch (the other side is momentum + queue)
+        sim_i2t = image_feat @ text_feat_all / temp
+        sim_t2i = text_feat @ image_feat_all / temp
+        loss_i2t = soft_cross_entropy(sim_i2t, i2t_targets)
+        loss_t2i = soft_cross_entropy(sim_t2i, t2i_targets)
+        score_v = positive_score(sim_i2t.detach(), pos)
+        score_t = positive_score(sim_t2i.detach(), pos)
+        if update:
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+
+        # ---- ITM hard negatives from the in-batch similarities
+        with torch.no_grad():
+            if idx is not None:
+                exclude = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+            else:
+                exclude = torch.eye(B, dtype=torch.bool, device=image.device)
+            neg_image, valid_t = sample_hard_negatives(sim_t2i[:, :B].detach(), exclude)  # for each text
+            neg_text, valid_i = sample_hard_negatives(sim_i2t[:, :B].detach(), exclude)  # for each image
+
+        # ---- one fusion pass: [pos ; text+neg image ; neg text+image ; masked text+image]
+        text_in = [text_tokens, text_tokens, text_tokens[neg_text]]
+        mask_in = [attention_mask, attention_mask, attention_mask[neg_text]]
+        image_in = [image_tokens, image_tokens[neg_image], image_tokens]
+        if self.mlm_head is not None:
+            text_in.append(text_tokens_both[B:])
+            mask_in.append(attention_mask)
+            image_in.append(image_tokens)
+        fused = self.fuse(torch.cat(text_in), torch.cat(mask_in), torch.cat(image_in))
+
+        itm_logits = self.itm_logits(fused[:3 * B])
+        itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=image.device),
+                                torch.zeros(2 * B, dtype=torch.long, device=image.device)])
+        has_neg = torch.cat([valid_t, valid_i])
+        if has_neg.any():
+            weights = torch.cat([torch.ones(B, device=image.device), has_neg.float()])
+            per_pair = F.cross_entropy(itm_logits.float(), itm_labels, reduction="none")
+            loss_itm = (per_pair * weights).sum() / weights.sum()
+        else:  # a batch of one (or of one image id): no negative pair exists
+            loss_itm = itm_logits.sum() * 0.0
+        metrics = {"itm_acc": (itm_logits.detach().argmax(1) == itm_labels).float().mean(),
+                   "temp": temp.detach().squeeze()}
+
+        # ---- MLM on the masked positions, distilled from the momentum model
+        loss_mlm = None
+        if self.mlm_head is not None:
+            sel = labels != -100
+            if sel.any():
+                logits = self.mlm_head(fused[3 * B:][sel])
+                soft = None
+                if distill:
+                    with torch.no_grad():
+                        fused_m = self.text_encoder_m.forward_fusion(text_tokens_m_both[B:], attention_mask,
+                                                                     image_tokens_m)
+                        soft = F.softmax(self.mlm_head_m(fused_m[sel]).float(), dim=-1)
+                loss_mlm = mlm_loss(logits, labels[sel], soft, alpha)
+                metrics["mlm_acc"] = (logits.detach().argmax(1) == labels[sel]).float().mean()
+            else:  # nothing was selected for masking (very short texts)
+                loss_mlm = fused[3 * B:, 0].sum() * 0.0
+
+        return ALBEFOutput(loss_itc=(loss_i2t + loss_t2i) / 2, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
+                           loss_itm=loss_itm, loss_mlm=loss_mlm, score_v=score_v, score_t=score_t,
+                           metrics=metrics)
+
+
+def build_model(cfg: ModelConfig) -> ALBEF:
+    return ALBEF(cfg)

@@ -1,0 +1,217 @@
+"""BERT text encoder whose upper layers fuse image tokens through cross-attention.
+
+Layers ``[0, fusion_layer)`` read text only; layers ``[fusion_layer, layers)`` add a
+cross-attention block (queries from text, keys/values from image tokens, post-LN) after
+self-attention and before the feed-forward block, as in ALBEF. Parameter names follow HF
+``BertModel`` (``embeddings.*``, ``encoder.layer.N.attention.self.query`` ...,
+``encoder.layer.N.crossattention.*``) so bert-base-uncased weights load directly. Written
+here rather than taken from transformers, whose BERT refuses cross-attention outside decoder
+mode and whose internals change between releases.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab_size: int, width: int, max_position: int, type_vocab_size: int,
+                 eps: float, dropout: float, pad_token_id: int = 0):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_position, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        if L > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {L} tokens exceeds max_position={self.position_embeddings.num_embeddings}")
+        # every token has type 0, so the type embedding is one broadcast row
+        x = (self.word_embeddings(input_ids) + self.position_embeddings.weight[:L]
+             + self.token_type_embeddings.weight[0])
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float, kv_width: Optional[int] = None):
+        super().__init__()
+        kv_width = kv_width or width
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kv = x if context is None else context
+        B, L, C = x.shape
+        h, d = self.heads, C // self.heads
+        q = self.query(x).view(B, L, h, d).transpose(1, 2)
+        k = self.key(kv).view(B, kv.shape[1], h, d).transpose(1, 2)
+        v = self.value(kv).view(B, kv.shape[1], h, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, L, C)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection, dropout, residual and post-LN (also the FFN output block: ``BertOutput``)."""
+
+    def __init__(self, in_width: int, width: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, width: int, heads: int, eps: float, dropout: float, kv_width: Optional[int] = None):
+        super().__init__()
+        self.self = BertSelfAttention(width, heads, dropout, kv_width)
+        self.output = BertSelfOutput(width, width, eps, dropout)
+
+    def forward(self, x, mask, context=None):
+        return self.output(self.self(x, mask, context), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, width: int, intermediate: int):
+        super().__init__()
+        self.dense = nn.Linear(width, intermediate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, width: int, heads: int, intermediate: int, eps: float, dropout: float,
+                 cross_width: Optional[int] = None):
+        super().__init__()
+        self.attention = BertAttention(width, heads, eps, dropout)
+        self.has_cross = cross_width is not None
+        if self.has_cross:
+            self.crossattention = BertAttention(width, heads, eps, dropout, kv_width=cross_width)
+        self.intermediate = BertIntermediate(width, intermediate)
+        self.output = BertSelfOutput(intermediate, width, eps, dropout)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
+                image: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None):
+        x = self.attention(x, mask)
+        if self.has_cross:
+            x = self.crossattention(x, image_mask, image)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, layers: list[BertLayer]):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+def attention_mask_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[B, L] with 1 = token, 0 = padding  ->  boolean [B, 1, 1, L] for SDPA (True = attend)."""
+    if mask is None:
+        return None
+    return mask.bool()[:, None, None, :]
+
+
+class TextEncoder(nn.Module):
+    """BERT with text-only lower layers and cross-attention upper layers (``model.text``)."""
+
+    def __init__(self, text, encoder_width: int):
+        super().__init__()
+        self.config = text
+        self.fusion_layer = text.fusion_layer
+        self.embeddings = BertEmbeddings(text.vocab_size, text.width, text.max_position, text.type_vocab_size,
+                                         text.layer_norm_eps, text.dropout, text.pad_token_id)
+        self.encoder = BertEncoder([
+            BertLayer(text.width, text.heads, text.intermediate, text.layer_norm_eps, text.dropout,
+                      cross_width=encoder_width if i >= text.fusion_layer else None)
+            for i in range(text.layers)])
+        self.grad_checkpointing = False
+        self._init_weights(text.init_std)
+
+    def _init_weights(self, std: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _run(self, layers, x, mask, image=None, image_mask=None):
+        for layer in layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, mask, image, image_mask, use_reentrant=False)
+            else:
+                x = layer(x, mask, image, image_mask)
+        return x
+
+    def forward_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Embeddings + text-only layers -> text tokens [B, L, width]."""
+        x = self.embeddings(input_ids)
+        return self._run(self.encoder.layer[:self.fusion_layer], x, attention_mask_4d(attention_mask))
+
+    def forward_fusion(self, text_tokens: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       image_tokens: torch.Tensor, image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fusion layers on text tokens with cross-attention to image tokens -> [B, L, width]."""
+        return self._run(self.encoder.layer[self.fusion_layer:], text_tokens, attention_mask_4d(attention_mask),
+                         image_tokens, attention_mask_4d(image_mask))
+
+    def forward(self, input_ids, attention_mask=None, image_tokens=None, image_mask=None):
+        """All layers ("full" mode); without image tokens only the text-only layers exist."""
+        x = self.forward_text(input_ids, attention_mask)
+        if image_tokens is None:
+            if self.fusion_layer < len(self.encoder.layer):
+                raise ValueError("the fusion layers need image_tokens")
+            return x
+        return self.forward_fusion(x, attention_mask, image_tokens, image_mask)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+class MLMTransform(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """BERT's ``cls.predictions``: transform, then a decoder tied to the word embeddings.
+
+    The decoder matrix is the embedding module's weight itself, held by reference and not
+    registered here: the tie holds by construction, state dicts store the matrix once, and
+    an optimizer sees it once."""
+
+    def __init__(self, word_embeddings: nn.Embedding, eps: float, std: float = 0.02):
+        super().__init__()
+        vocab_size, width = word_embeddings.weight.shape
+        self.transform = MLMTransform(width, eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._tied = [word_embeddings]  # a list, so that nn.Module does not register it
+        nn.init.normal_(self.transform.dense.weight, std=std)
+        nn.init.zeros_(self.transform.dense.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden), self._tied[0].weight, self.bias)
