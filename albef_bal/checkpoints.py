@@ -165,8 +165,9 @@ def infer_model_config(state: dict[str, torch.Tensor], base: Optional[ModelConfi
                        layout: Optional[str] = None) -> ModelConfig:
     """Architecture sizes from tensor shapes (renamed to our keys); the rest from ``base``.
 
-    Head counts cannot be read off shapes: they come from ``base`` when its width matches
-    the checkpoint's, else width / 64 (the BERT/ViT convention)."""
+    Head counts and special-token ids cannot be read off shapes: they come from ``base``
+    (heads only while they divide the checkpoint's width, else width / 64, the BERT/ViT
+    convention)."""
     cfg = copy.deepcopy(base) if base is not None else ModelConfig()
     v, t = cfg.vision, cfg.text
 
@@ -177,7 +178,7 @@ def infer_model_config(state: dict[str, torch.Tensor], base: Optional[ModelConfi
 
     width = need("visual_encoder.cls_token").shape[-1]
     patch = need("visual_encoder.patch_embed.proj.weight").shape[-1]
-    if width != v.width:
+    if width % v.heads:
         v.heads = max(1, width // 64)
     v.width, v.patch_size = width, patch
     v.depth = _max_index(state, r"visual_encoder\.blocks\.(\d+)\.")
@@ -186,7 +187,7 @@ def infer_model_config(state: dict[str, torch.Tensor], base: Optional[ModelConfi
     cfg.image_res = grid * patch
 
     vocab, twidth = need("text_encoder.embeddings.word_embeddings.weight").shape
-    if twidth != t.width:
+    if twidth % t.heads:
         t.heads = max(1, twidth // 64)
     t.vocab_size, t.width = vocab, twidth
     t.layers = _max_index(state, r"text_encoder\.encoder\.layer\.(\d+)\.")

@@ -18,6 +18,7 @@ Public feature API (evaluation, retrieval indexes, balancing methods):
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -35,6 +36,8 @@ from .vit import build_vision_encoder
 # A branch hook sees each online branch output (``"vision"``: image tokens, ``"text"``: text
 # tokens) and returns the tensor to use instead; balancing methods use it for gradient
 # scaling identities. It must be an identity in the forward direction.
+log = logging.getLogger("albef_bal")
+
 BranchHook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
@@ -314,4 +317,13 @@ class ALBEF(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> ALBEF:
-    return ALBEF(cfg)
+    """ALBEF from ``model`` config, with ``init_text`` (HF BERT directory) and ``init_vision``
+    (timm/DeiT/ALBEF ViT weights) loaded when set; the load reports go to the log."""
+    from ..checkpoints import check_text_fits, load_hf_bert, load_vision_weights
+    model = ALBEF(cfg)
+    if cfg.init_text:
+        check_text_fits(cfg.text, cfg.init_text)
+        log.info("text encoder from %s: %s", cfg.init_text, load_hf_bert(model, cfg.init_text))
+    if cfg.init_vision:
+        log.info("image encoder from %s: %s", cfg.init_vision, load_vision_weights(model, cfg.init_vision))
+    return model

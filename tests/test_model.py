@@ -1,0 +1,213 @@
+import copy
+
+import pytest
+import torch
+
+from albef_bal.models import ALBEF, resize_pos_embed
+from tiny import tiny_batch, tiny_config
+
+
+def build(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return ALBEF(tiny_config(*overrides).model)
+
+
+def grads_of(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+def nonzero(grads):
+    return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def text_branch_params(model):
+    t = model.text_encoder
+    return list(t.embeddings.parameters()) + [p for layer in t.encoder.layer[:t.fusion_layer]
+                                              for p in layer.parameters()]
+
+
+def test_feature_api_shapes_with_different_vision_and_text_widths():
+    model = build().eval()
+    cfg = model.cfg
+    images, ids, mask = tiny_batch(tiny_config())
+    img_tokens = model.encode_image(images)
+    assert img_tokens.shape == (4, 1 + (32 // 8) ** 2, 64)  # vision width 64
+    txt_tokens = model.encode_text(ids, mask)
+    assert txt_tokens.shape == (4, 10, 48)  # text width 48
+    for feat in (model.image_feat(img_tokens), model.text_feat(txt_tokens)):
+        assert feat.shape == (4, cfg.embed_dim)
+        assert torch.allclose(feat.norm(dim=-1), torch.ones(4), atol=1e-5)
+    fused = model.fuse(txt_tokens, mask, img_tokens)
+    assert fused.shape == (4, 10, 48)
+    assert model.itm_head(fused[:, 0]).shape == (4, 2)
+    assert model.mlm_head(fused).shape == (4, 10, cfg.text.vocab_size)
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings():
+    model = build()
+    names = dict(model.named_parameters())
+    assert not any("decoder" in n for n in names)  # stored once, in the embeddings
+    hidden = torch.randn(2, 48)
+    with torch.no_grad():
+        model.text_encoder.embeddings.word_embeddings.weight[5] += 1.0
+    h = model.mlm_head.transform(hidden)
+    expected = h @ model.text_encoder.embeddings.word_embeddings.weight.T + model.mlm_head.bias
+    assert torch.allclose(model.mlm_head(hidden), expected, atol=1e-6)
+
+
+def test_forward_returns_every_loss_and_trains_all_online_weights():
+    model = build()
+    images, ids, mask = tiny_batch(tiny_config())
+    out = model(images, ids, mask, alpha=0.4)
+    for name in ("loss_itc", "loss_i2t", "loss_t2i", "loss_itm", "loss_mlm"):
+        v = getattr(out, name)
+        assert v.ndim == 0 and torch.isfinite(v), name
+    assert torch.allclose(out.loss_itc, (out.loss_i2t + out.loss_t2i) / 2)
+    assert 0 < out.score_v < 1 and 0 < out.score_t < 1
+    out.total().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_itc_halves_train_one_branch_each():
+    model = build()
+    images, ids, mask = tiny_batch(tiny_config())
+    out = model(images, ids, mask, alpha=0.4)
+    vision = list(model.visual_encoder.parameters())
+    text = text_branch_params(model)
+    g_i2t = torch.autograd.grad(out.loss_i2t, vision + text, retain_graph=True, allow_unused=True)
+    assert nonzero(g_i2t[:len(vision)])
+    assert all(g is None or g.abs().sum() == 0 for g in g_i2t[len(vision):])
+    g_t2i = torch.autograd.grad(out.loss_t2i, vision + text, retain_graph=True, allow_unused=True)
+    assert nonzero(g_t2i[len(vision):])
+    assert all(g is None or g.abs().sum() == 0 for g in g_t2i[:len(vision)])
+    # the multimodal losses reach both branches through the fusion layers
+    g_mm = torch.autograd.grad(out.multimodal(), vision + text, allow_unused=True)
+    assert nonzero(g_mm[:len(vision)]) and nonzero(g_mm[len(vision):])
+
+
+def test_momentum_update_is_the_ema_and_happens_once_per_forward():
+    model = build()
+    with torch.no_grad():
+        for p in model.visual_encoder.parameters():
+            p.add_(0.5)
+    before = [p.clone() for p in model.visual_encoder_m.parameters()]
+    online = [p.clone() for p in model.visual_encoder.parameters()]
+    images, ids, mask = tiny_batch(tiny_config())
+    model(images, ids, mask)
+    m = model.cfg.momentum
+    for b, o, after in zip(before, online, model.visual_encoder_m.parameters()):
+        assert torch.allclose(after, m * b + (1 - m) * o, atol=1e-6)
+    assert all(not p.requires_grad for p in model.visual_encoder_m.parameters())
+
+
+def test_queue_holds_momentum_features_and_wraps_around():
+    model = build("model.queue_size=8")
+    cfg = tiny_config()
+    feats = []
+    for step in range(3):
+        images, ids, mask = tiny_batch(cfg, seed=step)
+        with torch.no_grad():
+            model(images, ids, mask)
+            # the momentum features this step enqueued (momentum weights are now updated)
+            f = torch.nn.functional.normalize(model.vision_proj_m(model.visual_encoder_m(images)[:, 0]), dim=-1)
+        feats.append(f)
+        assert int(model.queue_ptr) == (step + 1) * 4 % 8
+    # after 3 batches of 4 in a queue of 8: slots 0-3 hold step 2, slots 4-7 step 1
+    assert torch.allclose(model.image_queue[:, :4].T, feats[2], atol=1e-5)
+    assert torch.allclose(model.image_queue[:, 4:].T, feats[1], atol=1e-5)
+
+
+def test_queue_size_must_divide_by_the_global_batch():
+    model = build("model.queue_size=6")
+    images, ids, mask = tiny_batch(tiny_config())
+    with pytest.raises(ValueError, match=r"model.queue_size \(6\) must be a multiple"):
+        model(images, ids, mask)
+
+
+def test_update_false_leaves_momentum_and_queues_alone():
+    model = build()
+    state = copy.deepcopy(model.state_dict())
+    images, ids, mask = tiny_batch(tiny_config())
+    model(images, ids, mask, update=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_retrieval_model_uses_image_ids():
+    model = build("model.retrieval=true")
+    assert model.mlm_head is None and hasattr(model, "idx_queue")
+    images, ids, mask = tiny_batch(tiny_config())
+    with pytest.raises(ValueError, match="image ids"):
+        model(images, ids, mask)
+    idx = torch.tensor([3, 3, 9, 4])
+    out = model(images, ids, mask, alpha=0.4, idx=idx)
+    assert out.loss_mlm is None and torch.isfinite(out.total())
+    assert model.idx_queue[0, :4].tolist() == [3, 3, 9, 4]
+
+
+def test_batch_of_one_has_no_itm_negatives_but_trains():
+    model = build("model.queue_size=8")
+    images, ids, mask = tiny_batch(tiny_config(), batch=1)
+    out = model(images, ids, mask)
+    assert out.loss_itm.item() == 0.0
+    out.total().backward()
+    assert torch.isfinite(out.total())
+
+
+def test_branch_hook_sees_both_branches_and_can_scale_gradients():
+    model = build()
+    images, ids, mask = tiny_batch(tiny_config())
+    seen = []
+
+    def hook(branch, x):
+        seen.append((branch, tuple(x.shape)))
+        return x
+
+    model.branch_hook = hook
+    model(images, ids, mask)
+    assert ("vision", (4, 17, 64)) in seen
+    assert ("text", (8, 10, 48)) in seen  # text and masked text in one pass
+
+
+def test_position_embedding_resize_keeps_cls_and_interpolates():
+    pe = torch.randn(1, 1 + 16, 8)
+    out = resize_pos_embed(pe, 64)
+    assert out.shape == (1, 65, 8)
+    assert torch.equal(out[:, 0], pe[:, 0])
+    assert torch.equal(resize_pos_embed(pe, 16), pe)
+    # a constant grid stays constant under bicubic interpolation
+    const = torch.cat([pe[:, :1], torch.ones(1, 16, 8)], dim=1)
+    assert torch.allclose(resize_pos_embed(const, 36)[:, 1:], torch.ones(1, 36, 8), atol=1e-5)
+
+
+def test_vit_runs_at_another_resolution():
+    model = build().eval()
+    tokens = model.encode_image(torch.randn(2, 3, 48, 48))
+    assert tokens.shape == (2, 1 + 36, 64)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    images, ids, mask = tiny_batch(tiny_config())
+    results = []
+    for ckpt in (False, True):
+        model = build(f"model.grad_checkpointing={str(ckpt).lower()}", "model.text.dropout=0.0")
+        torch.manual_seed(5)
+        out = model(images, ids, mask, alpha=0.4)
+        out.total().backward()
+        results.append((out.total().detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_distill_off_uses_one_hot_targets():
+    model = build("model.distill=false", "model.text.dropout=0.0").eval()
+    images, ids, mask = tiny_batch(tiny_config())
+    out = model(images, ids, mask, alpha=0.4, update=False)
+    img = model.image_feat(model.encode_image(images))
+    txt_m = torch.nn.functional.normalize(model.text_proj_m(model.text_encoder_m.forward_text(ids, mask)[:, 0]), dim=-1)
+    logits = img @ torch.cat([txt_m.T, model.text_queue], dim=1) / model.temp
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    assert torch.allclose(out.loss_i2t, expected, atol=1e-5)

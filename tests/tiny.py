@@ -1,0 +1,37 @@
+"""Tiny model configurations and batches shared by the tests (CPU, milliseconds per step)."""
+from __future__ import annotations
+
+import torch
+
+from albef_bal.config import Config, load_config
+
+TINY = [
+    "model.image_res=32", "model.vision.patch_size=8", "model.vision.width=64", "model.vision.depth=2",
+    "model.vision.heads=2", "model.text.vocab_size=64", "model.text.width=48", "model.text.layers=3",
+    "model.text.fusion_layer=1", "model.text.heads=2", "model.text.intermediate=96",
+    "model.text.max_position=32", "model.text.pad_token_id=0", "model.text.cls_token_id=1",
+    "model.text.sep_token_id=2", "model.text.mask_token_id=3", "model.embed_dim=16",
+    "model.queue_size=32", "data.max_len=16",
+]
+SPECIAL = 4  # ids below this are special tokens in the tiny vocabulary
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, TINY + list(overrides))
+
+
+def tiny_batch(cfg: Config, batch: int = 4, length: int = 10, seed: int = 0, pad_last: bool = True):
+    """Random images and token ids shaped like a tokenised batch: [CLS] words [SEP] [PAD]..."""
+    g = torch.Generator().manual_seed(seed)
+    res = cfg.model.image_res
+    t = cfg.model.text
+    images = torch.randn(batch, 3, res, res, generator=g)
+    ids = torch.randint(SPECIAL, t.vocab_size, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    ids[:, 0] = t.cls_token_id
+    ids[:, -1] = t.sep_token_id
+    if pad_last and batch > 1:  # the last text is shorter: [CLS] w w w [SEP] [PAD] ...
+        ids[-1, 5] = t.sep_token_id
+        ids[-1, 6:] = t.pad_token_id
+        mask[-1, 6:] = 0
+    return images, ids, mask
