@@ -172,28 +172,59 @@ class TrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 42
     epochs: int = 30
+    # 0: epochs x steps per epoch; otherwise stop after this many optimizer steps
+    max_steps: int = 0
+    # per rank, per micro step; the global batch is micro x grad_accum x world size
     micro_batch_size: int = 64
     grad_accum: int = 1
     # optional: checked against micro_batch_size x grad_accum x world size at start-up
     global_batch_size: Optional[int] = None
+    # DeepSpeed JSON (ZeRO knobs, communication); batch sizes, precision and clipping come
+    # from this section and must not contradict the JSON
     deepspeed_config: str = "configs/deepspeed/zero1.json"
+    # overrides the JSON's zero_optimization.stage
     zero_stage: Optional[int] = None
+    # fp32 weights always; bf16/fp16 autocast the forward (DeepSpeed's torch_autocast)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_lr: float = 1e-5
     warmup_steps: int = 2000
     weight_decay: float = 0.02
-    grad_clip: float = 0.0
-    save_every: int = 1000
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0 = off (ALBEF does not clip)
+    # distillation weight ramps from 0 over the first epoch (ALBEF); False = constant alpha
+    alpha_warmup: bool = True
+    save_every: int = 1000  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 3
     log_every: int = 10
-    max_nonfinite: int = 10
+    max_nonfinite: int = 10  # consecutive non-finite losses before stopping with a checkpoint
+    # "auto" = newest complete checkpoint in output_dir (fresh start when none); or a path
+    resume: Optional[str] = None
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "albef_bal"
+    threads: int = 0  # torch CPU threads per rank (0 = torch's default)
+    compile: bool = False  # torch.compile the encoders (optional speed-up; never required)
 
     def validate(self, key: str) -> None:
-        _positive(self, key, "epochs", "micro_batch_size", "grad_accum", "lr", "keep_last", "log_every")
+        _positive(self, key, "epochs", "micro_batch_size", "grad_accum", "lr", "keep_last", "log_every",
+                  "max_nonfinite")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{key}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.max_steps < 0 or self.save_every < 0 or self.warmup_steps < 0 or self.threads < 0:
+            raise ConfigError(f"{key}.max_steps, save_every, warmup_steps and threads must be >= 0")
+        if not 0 < self.min_lr <= self.lr or not 0 < self.warmup_lr:
+            raise ConfigError(f"{key}: need 0 < min_lr <= lr and warmup_lr > 0 "
+                              f"(min_lr={self.min_lr}, lr={self.lr}, warmup_lr={self.warmup_lr})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{key}.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.global_batch_size is not None and self.global_batch_size % (self.micro_batch_size * self.grad_accum):
+            raise ConfigError(f"{key}.global_batch_size ({self.global_batch_size}) is not a multiple of "
+                              f"micro_batch_size x grad_accum ({self.micro_batch_size} x {self.grad_accum})")
+        if self.resume not in (None, "auto") and not self.resume:
+            raise ConfigError(f"{key}.resume must be 'auto', a checkpoint path, or null")
 
 
 @dataclass

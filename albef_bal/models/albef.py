@@ -113,6 +113,24 @@ class ALBEF(nn.Module):
             pairs.append((self.mlm_head, self.mlm_head_m))
         return pairs
 
+    def branch_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters by role (DESIGN.md section 4): ``vision`` = the image encoder;
+        ``text`` = text embeddings + text-only layers; ``shared`` = fusion layers, projections,
+        ITM/MLM heads and the temperature. Momentum copies are not trainable and not listed."""
+        text_prefixes = ("text_encoder.embeddings.",) + tuple(
+            f"text_encoder.encoder.layer.{i}." for i in range(self.text_encoder.fusion_layer))
+        groups: dict[str, list] = {"vision": [], "text": [], "shared": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("visual_encoder."):
+                groups["vision"].append((name, p))
+            elif name.startswith(text_prefixes):
+                groups["text"].append((name, p))
+            else:
+                groups["shared"].append((name, p))
+        return groups
+
     def _param_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         online, momentum = [], []
         for a, b in self.momentum_pairs():
@@ -154,8 +172,11 @@ class ALBEF(nn.Module):
             raise ValueError(f"model.queue_size ({q}) must be a multiple of the global micro batch "
                              f"(micro batch x ranks = {n})")
         ptr = int(self.queue_ptr)
-        self.image_queue[:, ptr:ptr + n] = image_feats.T
-        self.text_queue[:, ptr:ptr + n] = text_feats.T
+        # a non-finite feature (a batch whose loss will be skipped) must not poison the queue
+        # for the next 65k steps: keep the old entries in its place
+        ok = (torch.isfinite(image_feats).all(1) & torch.isfinite(text_feats).all(1))[None, :]
+        self.image_queue[:, ptr:ptr + n] = torch.where(ok, image_feats.T, self.image_queue[:, ptr:ptr + n])
+        self.text_queue[:, ptr:ptr + n] = torch.where(ok, text_feats.T, self.text_queue[:, ptr:ptr + n])
         if self.retrieval:
             self.idx_queue[:, ptr:ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
         self.queue_ptr[0] = (ptr + n) % q

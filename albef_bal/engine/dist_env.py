@@ -1,0 +1,58 @@
+"""Process-group start-up from the standard launcher variables.
+
+``deepspeed``, ``torchrun`` and ``accelerate launch`` set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT; under ``srun`` the SLURM_* equivalents are mapped onto them;
+a single process without any launcher gets a one-rank group on a free local port. The
+same command therefore works everywhere.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_env_from_launcher() -> None:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT present in the environment."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        # srun with one task per GPU: SLURM numbers the tasks; MASTER_ADDR/PORT come from the
+        # batch script (see launch/slurm_pretrain.sbatch)
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if int(env["WORLD_SIZE"]) > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start the ranks with deepspeed, "
+                               "torchrun, accelerate launch or srun (see launch/README.md)")
+        env["MASTER_PORT"] = str(_free_port())
+
+
+def init_distributed() -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
+    import deepspeed
+    import torch.distributed as dist
+    fill_env_from_launcher()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return device

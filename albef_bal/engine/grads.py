@@ -1,0 +1,71 @@
+"""Reading gradients the same way under ZeRO 0, 1 and 2.
+
+With ZeRO 0 every rank holds the full (averaged) gradient in ``p.grad``. With ZeRO 1/2 the
+averaged gradient lives in optimizer partitions: each rank holds a disjoint fragment of
+each parameter's gradient. Sums over a parameter (norms, moments) are therefore computed
+from local fragments and all-reduced, which is exact and moves a few numbers instead of
+the whole gradient.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed as D
+
+
+def local_grad(p: torch.nn.Parameter) -> tuple[Optional[torch.Tensor], bool]:
+    """(this rank's part of p's gradient, flattened; whether it is the whole gradient)."""
+    if p.grad is not None:
+        return p.grad.reshape(-1), True
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is None:
+        return None, False
+    frag = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+    addr = mapping.lp_fragment_address
+    if frag.numel() == p.numel() and addr.numel != p.numel():  # full buffer kept: take our share
+        frag = frag.narrow(0, addr.start, addr.numel)
+    return frag, False
+
+
+def grad_moments(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """[n, 3] tensor of (sum g, sum g^2, count) per parameter over the whole gradient,
+    identical on every rank (one all-reduce for all parameters)."""
+    params = list(params)
+    rows, partial = [], []
+    device = None
+    for p in params:
+        g, full = local_grad(p)
+        if g is None:
+            rows.append(None)
+            partial.append(True)
+            continue
+        g = g.float()
+        device = g.device
+        rows.append(torch.stack([g.sum(), (g * g).sum(), torch.tensor(float(g.numel()), device=g.device)]))
+        partial.append(not full)
+    device = device or (params[0].device if params else torch.device("cpu"))
+    out = torch.stack([r if r is not None else torch.zeros(3, device=device) for r in rows]) if rows \
+        else torch.zeros(0, 3, device=device)
+    if D.get_world_size() > 1 and any(partial):
+        # full gradients (ZeRO 0) are the same on every rank: count them once
+        if not all(partial):
+            keep = torch.tensor([pt or D.get_rank() == 0 for pt in partial], device=device)
+            out = out * keep[:, None]
+        dist.all_reduce(out)
+    return out
+
+
+def branch_grad_norms(branches: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """L2 norm of the gradient of each named group of parameters (collective)."""
+    names = list(branches)
+    params = [p for n in names for p in branches[n]]
+    sq = grad_moments(params)[:, 1]
+    out, i = {}, 0
+    for n in names:
+        k = len(branches[n])
+        out[n] = float(sq[i:i + k].sum().sqrt())
+        i += k
+    return out

@@ -1,0 +1,75 @@
+"""The fixed points at which the training step calls a balancing method.
+
+A method subclasses :class:`TrainHooks` and overrides what it needs; the trainer calls,
+for every micro step and optimizer step::
+
+    out  = model(batch)                       # separate losses and branch scores
+    loss = hooks.loss(out, ctx)               # 1. after the forward: weights, coefficients
+    engine.backward(loss)
+    if accumulation boundary:
+        hooks.before_step(ctx)                # 2. gradients of the whole global batch ready
+        engine.step()
+        hooks.after_step(ctx)
+    hooks.on_epoch_end(epoch)                 # 3. at epoch ends (windows, re-learning)
+
+Nothing else in the model or the engine needs to change for a method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models.albef import ALBEFOutput
+    from .trainer import Trainer
+
+
+@dataclass
+class StepContext:
+    step: int  # optimizer steps completed before this one
+    epoch: int
+    micro: int  # micro step within the accumulation window (0-based)
+    grad_accum: int
+    alpha: float
+    boundary: bool  # this micro step ends the accumulation window
+    log: bool  # this optimizer step will be logged
+
+    @property
+    def first_micro(self) -> bool:
+        return self.micro == 0
+
+
+class TrainHooks:
+    """No balancing: ALBEF's weighted sum of the three losses."""
+
+    name = "none"
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Called once after ``deepspeed.initialize`` (and after a resume)."""
+        self.trainer = trainer
+        w = trainer.cfg.model.loss_weights
+        self.weights = dict(itc=w.itc, itm=w.itm, mlm=w.mlm)
+
+    def loss(self, out: "ALBEFOutput", ctx: StepContext) -> torch.Tensor:
+        return out.total(**self.weights)
+
+    def before_step(self, ctx: StepContext) -> None:
+        pass
+
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    def metrics(self) -> dict:
+        """Diagnostics for the metrics log (called at log steps, on every rank)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        pass

@@ -1,0 +1,320 @@
+"""The training loop shared by pretraining and retrieval fine-tuning, on DeepSpeed.
+
+One :class:`Trainer` owns the engine, the schedule, checkpoints, logging and the
+pre-emption / non-finite-loss policies. What differs between pretraining and fine-tuning
+(the model, the data, per-epoch evaluation) comes in as arguments.
+
+Counting: a *micro step* is one forward/backward of ``train.micro_batch_size`` pairs per
+rank; an *optimizer step* ("step") ends every ``train.grad_accum`` micro steps. The
+schedule, logging and checkpoints count optimizer steps; the momentum encoders and queues
+move every micro step (inside the model's forward), as in ALBEF.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed as D
+from ..config import Config, save_config, to_dict
+from ..losses import alpha_schedule
+from .checkpoint import CheckpointManager
+from .dist_env import init_distributed
+from .ds_config import build_ds_config
+from .grads import branch_grad_norms
+from .hooks import StepContext, TrainHooks
+from .metrics import MetricsLogger, Progress, peak_memory_mb
+from .optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger("albef_bal")
+
+
+class DataSource(Protocol):
+    """What the trainer needs from the data layer."""
+
+    batches_per_epoch: int  # micro batches per rank per epoch
+
+    def loader(self, epoch: int, skip_batches: int) -> Iterable[dict]:
+        """Micro batches of ``epoch`` for this rank, from micro batch ``skip_batches`` on; the
+        order must be a pure function of (seed, epoch, rank, world size)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro batches of this epoch consumed (per rank)
+    samples: int = 0  # pairs seen, all ranks
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    data_skipped: dict = None  # corrupt samples skipped by the data layer, per reason
+
+    def __post_init__(self):
+        self.data_skipped = dict(self.data_skipped or {})
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: torch.nn.Module, data: DataSource,
+                 hooks: Optional[TrainHooks] = None, desc: str = "train",
+                 epoch_end: Optional[Callable[["Trainer", int], dict]] = None):
+        self.cfg = cfg
+        self.model = model
+        self.data = data
+        self.hooks = hooks or TrainHooks()
+        self.desc = desc
+        self.epoch_end_fn = epoch_end
+        self.state = TrainState()
+        self._preempt = False
+        self._window_bad = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        import deepspeed
+        cfg, t = self.cfg, self.cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = init_distributed()
+        self.rank, self.world = D.get_rank(), D.get_world_size()
+        ds_config = build_ds_config(cfg, self.world)
+        self.steps_per_epoch = self.data.batches_per_epoch // t.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"an epoch holds {self.data.batches_per_epoch} micro batches per rank, fewer than "
+                             f"train.grad_accum ({t.grad_accum}); raise data.samples_per_epoch")
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.global_batch = t.micro_batch_size * t.grad_accum * self.world
+
+        optimizer = build_optimizer(param_groups(self.model, t.weight_decay), t, self.device)
+        scheduler = build_scheduler(optimizer, self.total_steps, t)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+        self.module = self.engine.module
+        # seeded per rank after the (identical) model construction: masking, hard negatives
+        # and dropout differ across ranks as their data does
+        torch.manual_seed(t.seed * 1000 + self.rank)
+        self.branches = {k: [p for _, p in v] for k, v in self.module.branch_parameters().items()}
+
+        self.ckpt = CheckpointManager(t.output_dir, t.keep_last)
+        self.metrics = MetricsLogger(t.output_dir, self.rank == 0, t.tensorboard, t.wandb, t.wandb_project,
+                                     to_dict(cfg))
+        if self.rank == 0:
+            save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+        self.hooks.setup(self)
+        resume = self.ckpt.resolve(t.resume)
+        if resume:
+            trainer_state = self.ckpt.load(self.engine, resume)
+            hooks_state = trainer_state.pop("hooks", None)
+            self.state = TrainState(**trainer_state)
+            self.hooks.load_state_dict(hooks_state)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, self.state.step,
+                     self.state.epoch, self.state.batch_in_epoch)
+        self._install_signal_handlers()
+        return self
+
+    def _install_signal_handlers(self) -> None:
+        def request(signum, frame):
+            self._preempt = True
+            log.warning("rank %d: received %s; saving a checkpoint at the next step and exiting",
+                        self.rank, signal.Signals(signum).name)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, request)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    # --------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        st, t = self.state, self.cfg.train
+        progress = Progress(self.total_steps, st.step, self.rank == 0, self.desc)
+        self._window = {}
+        self._last_log = (time.time(), st.step)
+        outcome = "finished"
+        try:
+            while st.step < self.total_steps and outcome == "finished":
+                micro_per_epoch = self.steps_per_epoch * t.grad_accum
+                # the loader must not draw from the training RNG (DataLoader seeds its workers
+                # from the global generator unless given one): keep resumed runs exact
+                with torch.random.fork_rng(devices=[]):
+                    batches = iter(self.data.loader(st.epoch, st.batch_in_epoch))
+                for batch in batches:
+                    if st.batch_in_epoch >= micro_per_epoch:
+                        break
+                    stepped = self._micro_step(batch)
+                    st.batch_in_epoch += 1
+                    if not stepped:
+                        continue
+                    progress.update(1, **self._postfix)
+                    if self._preempt_agreed:
+                        outcome = "preempted"
+                        break
+                    if st.step >= self.total_steps:
+                        break
+                    if t.save_every and st.step % t.save_every == 0:
+                        self.save()
+                if outcome != "finished":
+                    break
+                if st.batch_in_epoch >= micro_per_epoch or st.step < self.total_steps:
+                    self._end_epoch()
+        except NonFiniteLossError:
+            self.save()
+            progress.close()
+            raise
+        progress.close()
+        self.save()
+        if outcome == "finished" and self.rank == 0:
+            from ..checkpoints import export_model
+            export_model(self.module, self.cfg, os.path.join(t.output_dir, "export"))
+        D.barrier()
+        self.metrics.close()
+        return {"outcome": outcome, **asdict(st)}
+
+    def _end_epoch(self) -> None:
+        st = self.state
+        self.hooks.on_epoch_end(st.epoch)
+        if self.epoch_end_fn is not None:
+            results = self.epoch_end_fn(self, st.epoch) or {}
+            if results:
+                self.metrics.log(st.step, {"epoch": st.epoch, **results})
+        st.epoch += 1
+        st.batch_in_epoch = 0
+
+    def _micro_step(self, batch: dict) -> bool:
+        """One forward/backward; at the window's end also the optimizer step. Returns
+        whether an optimizer step was taken."""
+        st, t = self.state, self.cfg.train
+        micro = st.batch_in_epoch % t.grad_accum
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        step_in_epoch = st.batch_in_epoch // t.grad_accum
+        alpha = (alpha_schedule(self.cfg.model.alpha, step_in_epoch, self.steps_per_epoch, st.epoch)
+                 if t.alpha_warmup else self.cfg.model.alpha)
+        ctx = StepContext(step=st.step, epoch=st.epoch, micro=micro, grad_accum=t.grad_accum, alpha=alpha,
+                          boundary=boundary, log=boundary and (st.step + 1) % t.log_every == 0)
+        for reason, n in (batch.pop("skipped", None) or {}).items():
+            st.data_skipped[reason] = st.data_skipped.get(reason, 0) + int(n)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+        out = self.engine(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
+                          idx=batch.get("idx"))
+        loss = self.hooks.loss(out, ctx)
+        # one small all-reduce agrees on both policies across ranks: a non-finite loss
+        # anywhere skips the window everywhere; a signal anywhere stops everyone together
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
+                             torch.tensor(float(self._preempt), device=loss.device)])
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, preempt = (bool(x) for x in flags.tolist())
+        if nonfinite:
+            self._window_bad = True
+            loss = sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
+        else:
+            self._accumulate(out, loss)
+        self.engine.backward(loss)
+
+        if not boundary:
+            self.engine.step()
+            return False
+        grad_norms = branch_grad_norms(self.branches) if ctx.log else {}
+        self.hooks.before_step(ctx)
+        skipped = self._window_bad
+        if skipped:
+            # keep the parameters where they are: AdamW with lr 0 changes nothing (the
+            # scheduler resets the learning rates at the step)
+            for g in self.optimizer.param_groups:
+                g["lr"] = 0.0
+        self.engine.step()
+        self._clamp_temperature()
+        self.hooks.after_step(ctx)
+        st.step += 1
+        st.samples += self.global_batch
+        self._preempt_agreed = preempt
+        self._window_bad = False
+        if skipped:
+            st.nonfinite_total += 1
+            st.nonfinite_in_row += 1
+            log.warning("step %d: non-finite loss; update skipped (%d in a row, %d in total)", st.step,
+                        st.nonfinite_in_row, st.nonfinite_total)
+            if st.nonfinite_in_row >= t.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{st.nonfinite_in_row} consecutive non-finite losses (train.max_nonfinite={t.max_nonfinite});"
+                    f" stopped with a checkpoint in {self.ckpt.root}. Lower train.lr or check the data")
+        else:
+            st.nonfinite_in_row = 0
+        if ctx.log:
+            self._log(ctx, grad_norms)
+        return True
+
+    _preempt_agreed = False
+    _postfix: dict = {}
+
+    def _accumulate(self, out, loss) -> None:
+        """Running sums of the step's scalars as tensors (no device sync until a log step)."""
+        values = {"loss": loss.detach(), "loss_itc": out.loss_itc, "loss_i2t": out.loss_i2t,
+                  "loss_t2i": out.loss_t2i, "loss_itm": out.loss_itm, "score_v": out.score_v,
+                  "score_t": out.score_t}
+        if out.loss_mlm is not None:
+            values["loss_mlm"] = out.loss_mlm
+        values.update(out.metrics)
+        for k, v in values.items():
+            v = v.detach().float().reshape(())
+            s, n = self._window.get(k, (0.0, 0))
+            self._window[k] = (s + v, n + 1)
+
+    def _log(self, ctx: StepContext, grad_norms: dict) -> None:
+        st = self.state
+        keys = sorted(self._window)
+        if keys:
+            means = torch.stack([self._window[k][0] / self._window[k][1] for k in keys])
+            if self.world > 1:
+                dist.all_reduce(means)
+                means /= self.world
+            row = dict(zip(keys, means.tolist()))
+        else:
+            row = {}
+        self._window = {}
+        now = time.time()
+        elapsed = now - self._last_log[0]
+        steps = st.step - self._last_log[1]
+        self._last_log = (now, st.step)
+        if "score_v" in row and row.get("score_t", 0) > 0:
+            row["rho_v"] = row["score_v"] / row["score_t"]
+        row.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
+        row.update(self.hooks.metrics())
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        row.update(epoch=st.epoch, lr=next(iter(lrs.values())), alpha=ctx.alpha,
+                   pairs_per_s=self.global_batch * steps / max(elapsed, 1e-9),
+                   step_time_s=elapsed / max(steps, 1), samples=st.samples,
+                   peak_mem_mb=peak_memory_mb(self.device), nonfinite_total=st.nonfinite_total)
+        if len(set(lrs.values())) > 1:
+            row.update({f"lr/{k}": v for k, v in lrs.items()})
+        row.update({f"data_skipped/{k}": v for k, v in st.data_skipped.items()})
+        self.metrics.log(st.step, row)
+        self._postfix = {"loss": f"{row.get('loss', float('nan')):.3f}", "pairs/s": f"{row['pairs_per_s']:.1f}"}
+
+    @torch.no_grad()
+    def _clamp_temperature(self) -> None:
+        """ALBEF clamps the temperature parameter to [0.001, 0.5]; with ZeRO the optimizer's
+        fp32 master copy is clamped too, or the next step would undo it."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        temp = self.module.temp
+        temp.clamp_(0.001, 0.5)
+        master = safe_get_full_fp32_param(temp)
+        if master is not None:
+            safe_set_full_fp32_param(temp, master.clamp(0.001, 0.5))
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        st = asdict(self.state)
+        st["hooks"] = self.hooks.state_dict()
+        path = self.ckpt.save(self.engine, self.state.step, st)
+        log.info("checkpoint: %s", path)
+        return path
