@@ -1,0 +1,148 @@
+"""MMPareto: Pareto integration of a branch's multimodal and unimodal gradients.
+
+Wei and Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance",
+ICML 2024; details as in the authors' code (GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``
+and ``code/min_norm_solvers.py``).
+
+For one branch (encoder) with parameter tensors theta_1..theta_n, let g_mm be the gradient
+of the multimodal loss and g_uni that of the branch's unimodal loss, each a list of n
+tensors.
+
+1. Direction, decided once per branch on the concatenation of all its tensors (the authors
+   concatenate every flattened tensor of the encoder for the cosine and sum the per-tensor
+   inner products for the min-norm problem):
+
+       cos(g_mm, g_uni) > 0:   c = 1/2
+       otherwise:              c = argmin_{c in [0,1]} |c g_mm + (1 - c) g_uni|^2
+                                 = (g_uni.g_uni - g_mm.g_uni) / |g_mm - g_uni|^2
+       new = 2 (c g_mm + (1 - c) g_uni)
+
+   ``c`` weighs g_mm and ``1 - c`` weighs g_uni. The min-norm point of the segment has a
+   non-negative inner product with both gradients (the "no-conflict" property).
+
+2. Magnitude:  final = gamma * max(1, |g_mm + g_uni| / |new|) * new  (gamma = 1.5), with the
+   norms taken per parameter tensor (``rescale="tensor"``, the authors' code) or over the
+   whole branch (``rescale="global"``). The global rescale multiplies the whole direction by
+   one positive number, so the no-conflict property holds for the final gradient exactly;
+   the per-tensor one rescales tensors by different factors and can (rarely) break it.
+
+Bounds on c (``c_rule``). The published description clips c to [0.001, 0.999]. The authors'
+two-vector solver does slightly less: it returns 0.999 when the unconstrained minimiser is
+>= 1 (``g_mm.g_uni >= |g_mm|^2``), 0.001 when it is <= 0 (``g_mm.g_uni >= |g_uni|^2``), and
+the exact minimiser otherwise. Under conflict (cos <= 0) those ends are reached only when
+one gradient is zero, so in practice the authors never move c off the exact min-norm point,
+and the no-conflict property holds. ``c_rule="authors"`` (default) does that;
+``c_rule="clip"`` is the literal clip, which differs when the minimiser lies in (0, 0.001) or
+(0.999, 1) (one gradient nearly cancels the other) and then gives up the no-conflict
+property by up to 0.1% of the dominant gradient.
+
+Heads (fusion layers, projections, ITM/MLM heads, temperature) keep the plain summed
+gradient; only the branches go through this. Both gradients must be of the same (global)
+batch: all-reduce them before calling, so every rank takes the same decision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .grad_ops import flat_dot
+
+C_MIN, C_MAX = 0.001, 0.999
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor, fallback: float) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else ``fallback``; never evaluates x / 0 into the result
+    (torch.where computes both sides, so the denominator is floored in the unused one)."""
+    tiny = torch.finfo(den.dtype).tiny
+    return torch.where(den > 0, num / den.clamp_min(tiny), torch.full_like(num, fallback))
+
+
+@dataclass
+class MMParetoStats:
+    """Diagnostics of one branch's combination (0-dim or 1-D tensors; no host sync needed).
+
+    cos:      cosine of g_mm and g_uni over the whole branch (0 if either is zero)
+    c:        weight of g_mm in the direction (1 - c is that of g_uni)
+    conflict: cos <= 0 (the min-norm branch was taken)
+    scale:    the final multiplier ``gamma * max(1, |g_mm + g_uni| / |new|)`` per tensor
+              ([n] with rescale="tensor") or for the branch ([1] with rescale="global")
+    """
+
+    cos: torch.Tensor
+    c: torch.Tensor
+    conflict: torch.Tensor
+    scale: torch.Tensor
+
+    def scalars(self, prefix: str = "") -> dict[str, float]:
+        """Python floats for a metrics log (this syncs with the device)."""
+        return {f"{prefix}cos": float(self.cos), f"{prefix}c": float(self.c),
+                f"{prefix}conflict": float(self.conflict),
+                f"{prefix}scale_mean": float(self.scale.float().mean()),
+                f"{prefix}scale_max": float(self.scale.float().max())}
+
+
+def min_norm_coefficient(mm_mm: torch.Tensor, mm_uni: torch.Tensor, uni_uni: torch.Tensor,
+                         rule: str = "authors") -> torch.Tensor:
+    """Weight c of g_mm in the min-norm point of the segment [g_uni, g_mm], from the inner
+    products ``|g_mm|^2``, ``g_mm.g_uni``, ``|g_uni|^2``.
+
+    Unconstrained minimiser: ``(|g_uni|^2 - g_mm.g_uni) / |g_mm - g_uni|^2``. ``rule="authors"``:
+    0.999 if it is >= 1, 0.001 if it is <= 0, else itself; ``rule="clip"``: clipped to
+    [0.001, 0.999]. When the two gradients coincide (zero denominator) every c gives the same
+    point; 0.5 is returned under "clip" and 0.999 under "authors" (its first test holds)."""
+    denom = mm_mm + uni_uni - 2.0 * mm_uni
+    exact = _safe_div(uni_uni - mm_uni, denom, 0.5)
+    if rule == "clip":
+        return exact.clamp(C_MIN, C_MAX)
+    if rule == "authors":
+        hi = torch.full_like(exact, C_MAX)
+        lo = torch.full_like(exact, C_MIN)
+        return torch.where(mm_uni >= mm_mm, hi, torch.where(mm_uni >= uni_uni, lo, exact))
+    raise ValueError(f"unknown c rule {rule!r} (expected 'authors' or 'clip')")
+
+
+def mmpareto_combine_with_stats(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor],
+                                gamma: float = 1.5, rescale: str = "tensor",
+                                c_rule: str = "authors") -> tuple[list[torch.Tensor], MMParetoStats]:
+    """:func:`mmpareto_combine` plus its diagnostics (:class:`MMParetoStats`)."""
+    if rescale not in ("tensor", "global"):
+        raise ValueError(f"rescale must be 'tensor' or 'global', got {rescale!r}")
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    g_mm, g_uni = list(g_mm), list(g_uni)
+    mm_mm = flat_dot(g_mm, g_mm)
+    uni_uni = flat_dot(g_uni, g_uni)
+    mm_uni = flat_dot(g_mm, g_uni)
+    cos = _safe_div(mm_uni, mm_mm.sqrt() * uni_uni.sqrt(), 0.0)
+    conflict = cos <= 0
+    c = torch.where(conflict, min_norm_coefficient(mm_mm, mm_uni, uni_uni, c_rule), torch.full_like(cos, 0.5))
+
+    acc = c.dtype
+    new = [(2.0 * (c * m.to(acc) + (1.0 - c) * u.to(acc))) for m, u in zip(g_mm, g_uni)]
+    if rescale == "tensor":
+        sum_norms = torch.stack([(m.to(acc) + u.to(acc)).norm() for m, u in zip(g_mm, g_uni)])
+        new_norms = torch.stack([x.norm() for x in new])
+    else:
+        sums = [m.to(acc) + u.to(acc) for m, u in zip(g_mm, g_uni)]
+        sum_norms = flat_dot(sums, sums).sqrt().reshape(1)
+        new_norms = flat_dot(new, new).sqrt().reshape(1)
+    # a zero `new` stays zero (factor 1) instead of the 0 * inf = NaN of a plain ratio
+    ratio = _safe_div(sum_norms, new_norms, 1.0)
+    scale = gamma * ratio.clamp_min(1.0)
+    if rescale == "tensor":
+        out = [(x * s).to(m.dtype) for x, s, m in zip(new, scale, g_mm)]
+    else:
+        out = [(x * scale[0]).to(m.dtype) for x, m in zip(new, g_mm)]
+    return out, MMParetoStats(cos=cos, c=c, conflict=conflict, scale=scale)
+
+
+def mmpareto_combine(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor], gamma: float = 1.5,
+                     rescale: str = "tensor", c_rule: str = "authors") -> list[torch.Tensor]:
+    """The MMPareto gradient of one branch (one tensor per parameter, same shapes and dtypes as
+    ``g_mm``): cosine and c over the whole branch, final rescale per tensor
+    (``rescale="tensor"``, as the authors coded it) or over the branch (``"global"``).
+    See the module docstring for the formulas and :func:`mmpareto_combine_with_stats` for
+    the diagnostics."""
+    return mmpareto_combine_with_stats(g_mm, g_uni, gamma, rescale, c_rule)[0]

@@ -1,0 +1,128 @@
+"""OGM-GE: on-the-fly gradient modulation with generalization enhancement.
+
+Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation",
+CVPR 2022 (Eq. 10 and the GE noise), formulas as in the authors' code
+(GeWu-Lab/OGM-GE_CVPR2022, ``main.py``).
+
+Per step, with branch scores s_v, s_t (in ALBEF: the mean softmax probability of the
+positive in each ITC half, ``ALBEFOutput.score_v`` / ``score_t``):
+
+    rho_v = s_v / s_t,   rho_t = 1 / rho_v
+    k_u   = 1 - tanh(alpha * rho_u)   if rho_u > 1
+            1                         otherwise
+
+The dominant branch's gradient is multiplied by k_u. Because the argument is
+``alpha * rho`` and not ``alpha * (rho - 1)``, k drops from 1 to ``1 - tanh(alpha)`` as soon
+as rho exceeds 1: the modulation switches on with a jump, not gradually.
+
+GE then adds zero-mean Gaussian noise whose standard deviation is that of the unmodulated
+gradient of the same tensor. In the authors' code this happens for both branches (also the
+one whose k is 1) and only for 4-D (convolution) weights; the ViT adaptation applies it to
+every encoder tensor of 2 or more dimensions (:func:`ogm_param_filter`).
+
+The coefficient can be applied faithfully with :func:`albef_bal.balance.grad_ops.scale_grad`
+on the branch's output tokens (``grad`` mode); see DESIGN.md section 4 for the ``lr`` mode.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+Score = Union[float, int, torch.Tensor]
+
+
+def ogm_coefficients(score_v: Score, score_t: Score, alpha: float):
+    """OGM modulation coefficients ``(k_v, k_t)`` (Peng et al., CVPR 2022, Eq. 10).
+
+    ``k = 1 - tanh(alpha * rho)`` for the branch whose ratio ``rho = s_self / s_other``
+    exceeds 1, ``1`` for the other one.
+
+    Types: two Python numbers give two Python floats; if either score is a tensor (0-dim)
+    the result is two float32 0-dim tensors on that device, computed without a host sync
+    (``torch.where`` instead of ``if``), so they can go straight into a
+    :class:`~albef_bal.balance.grad_ops.GradCoefficient`.
+
+    Edge cases (decided here, documented because the ratio is undefined at zero):
+
+    - equal scores (including both 0): neither ratio exceeds 1, so ``k_v = k_t = 1``. This
+      follows Eq. 10; the authors' code falls into its ``else`` branch at exact equality and
+      would modulate the audio branch by ``1 - tanh(alpha)``, an asymmetry we do not copy.
+    - one score 0, the other positive: the positive branch has rho = +inf, the limit
+      ``k = 1 - tanh(inf) = 0`` (its gradient is switched off for that step); the other
+      branch gets 1. No division by zero is evaluated into the result.
+    - a NaN score: no comparison holds, so both coefficients are 1 (no modulation).
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if isinstance(score_v, torch.Tensor) or isinstance(score_t, torch.Tensor):
+        return _ogm_coefficients_tensor(score_v, score_t, alpha)
+    s_v, s_t = float(score_v), float(score_t)
+    k_v = _dominant_coefficient(s_v, s_t, alpha) if s_v > s_t else 1.0
+    k_t = _dominant_coefficient(s_t, s_v, alpha) if s_t > s_v else 1.0
+    return k_v, k_t
+
+
+def _dominant_coefficient(s_self: float, s_other: float, alpha: float) -> float:
+    # s_self > s_other >= 0 here (scores are probabilities); s_other == 0 means rho = inf
+    rho = math.inf if s_other == 0 else s_self / s_other
+    return 1.0 - math.tanh(alpha * rho)
+
+
+def _ogm_coefficients_tensor(score_v: Score, score_t: Score, alpha: float):
+    ref = score_v if isinstance(score_v, torch.Tensor) else score_t
+    s_v = torch.as_tensor(score_v, dtype=torch.float32, device=ref.device).detach().reshape(())
+    s_t = torch.as_tensor(score_t, dtype=torch.float32, device=ref.device).detach().reshape(())
+    one = torch.ones((), dtype=torch.float32, device=ref.device)
+    # division by a positive value only where it is used; s / 0 gives +inf -> tanh -> k = 0
+    rho_v = s_v / s_t
+    rho_t = s_t / s_v
+    k_v = torch.where(s_v > s_t, 1.0 - torch.tanh(alpha * rho_v), one)
+    k_t = torch.where(s_t > s_v, 1.0 - torch.tanh(alpha * rho_t), one)
+    return k_v, k_t
+
+
+def ogm_active(epoch: int, start: int, end: int) -> bool:
+    """Whether OGM-GE modulates in ``epoch``: ``start <= epoch <= end``, both ends inclusive
+    (as the authors' ``modulation_starts <= epoch <= modulation_ends``; 0-based epochs)."""
+    return start <= epoch <= end
+
+
+def ge_noise_like(grad: torch.Tensor, generator: Optional[torch.Generator] = None,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """GE noise for one gradient tensor: ``N(0, (std(grad) + eps)^2)`` elementwise, same shape,
+    dtype and device as ``grad``.
+
+    ``grad`` must be the *unmodulated* gradient (before multiplying by k); the GE step is
+    ``grad_new = k * grad + ge_noise_like(grad)``. std is the per-tensor standard deviation
+    with Bessel's correction (``torch.std``'s default, as in the authors' code), computed in
+    float32; a tensor of one element has std 0. ``eps`` (the authors' ``+ 1e-8``) keeps the
+    std strictly positive.
+
+    If the gradient at hand was already scaled by ``k`` (e.g. by :func:`scale_grad` on the
+    branch output), its std is ``k`` times the unmodulated one: pass ``grad / k`` (k > 0).
+
+    Pass a ``generator`` seeded identically on every data-parallel rank (e.g. from the run
+    seed and the global step) when the noise is added after gradient reduction, so that all
+    ranks add the same noise and the replicas stay identical.
+    """
+    g = grad.detach()
+    std = g.float().std() if g.numel() > 1 else torch.zeros((), device=g.device)
+    noise = torch.randn(g.shape, generator=generator, dtype=torch.float32, device=g.device)
+    return (noise * (std + eps)).to(g.dtype)
+
+
+def ogm_param_filter(name: str, tensor: torch.Tensor) -> bool:
+    """Whether an encoder tensor takes part in OGM-GE's per-tensor modulation and GE noise.
+
+    Adaptation (DESIGN.md section 4): the authors modulate 4-D convolution weights only; a
+    ViT/BERT has no convolutions besides the patch embedding, so every encoder tensor of 2 or
+    more dimensions qualifies (linear weights, the patch-embedding kernel, ``pos_embed``,
+    ``cls_token``, word/position embeddings); 1-D biases and LayerNorm parameters do not.
+    The caller passes the tensors of one branch only (the branch decides *which* k applies);
+    ``name`` is part of the signature so the filter drops straight into a
+    ``named_parameters()`` loop; today the decision depends on the shape alone.
+    """
+    del name  # shape-only rule, see above
+    return tensor.dim() >= 2

@@ -1,0 +1,162 @@
+"""Diagnosing and Re-learning: purity diagnostics and soft re-initialisation.
+
+Wei, Li, Hu, "Diagnosing and Re-learning for Balanced Multimodal Learning", ECCV 2024;
+details as in the authors' code (GeWu-Lab/Diagnosing_Relearning_ECCV2024, ``code/ours.py``).
+
+At scheduled epochs, for each branch k:
+
+1. extract the branch's features (ALBEF: CLS features) on a training subset and a held-out
+   subset; min-max scale each set per dimension (each set with its own minima and maxima);
+2. cluster each set with k-means into as many clusters as there are classes and measure
+   purity P = share of samples whose cluster's majority label equals their own label;
+3. g_k = |P_train - P_val|, alpha_k = tanh(lambda * g_k)  (lambda = 3);
+4. theta_k <- (1 - alpha_k) theta_k + alpha_k theta_k_init for every parameter of the branch.
+
+A branch that clusters its training data much better than held-out data has memorised
+rather than learnt a transferable representation; it is pulled back toward its
+initialisation in proportion.
+
+Adaptation: data without a labelled diagnostic split gets labels from k-means on the
+features of a frozen reference encoder (:func:`pseudo_labels`).
+
+k-means is faiss's (random initialisation, ``nredo`` restarts keeping the lowest objective);
+the authors used scikit-learn's. Both are Lloyd's algorithm; results can differ where
+k-means has several local optima.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def cluster_purity(labels: ArrayLike, assignments: ArrayLike) -> float:
+    """Purity: ``(1 / N) * sum over clusters of the count of its most frequent label``, i.e.
+    the share of samples whose cluster's majority label equals their own label.
+
+    Labels and cluster ids may be any hashable integers (they need not be 0..K-1). Ties for
+    the majority do not change the value. Returns a Python float in (0, 1]."""
+    y = _to_numpy(labels).reshape(-1)
+    a = _to_numpy(assignments).reshape(-1)
+    if y.shape != a.shape:
+        raise ValueError(f"labels ({y.shape[0]}) and assignments ({a.shape[0]}) differ in length")
+    if y.size == 0:
+        raise ValueError("purity of an empty set is undefined")
+    _, y_idx = np.unique(y, return_inverse=True)
+    _, a_idx = np.unique(a, return_inverse=True)
+    n_labels = int(y_idx.max()) + 1
+    # contingency table: rows = clusters, columns = labels
+    table = np.bincount(a_idx * n_labels + y_idx, minlength=(int(a_idx.max()) + 1) * n_labels)
+    table = table.reshape(-1, n_labels)
+    return float(table.max(axis=1).sum()) / float(y.size)
+
+
+def minmax_scale(features: ArrayLike, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """Per-dimension min-max scaling to ``[low, high]`` (float32 [N, D]).
+
+    [-1, 1] as the authors' scaler; any range gives the same k-means partition, since it
+    changes all distances by one common factor. A constant dimension maps to the middle of
+    the range (it carries no information and must not divide by zero)."""
+    x = _to_numpy(features).astype(np.float64, copy=False)
+    if x.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {x.shape}")
+    lo = x.min(axis=0)
+    span = x.max(axis=0) - lo
+    unit = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.5)
+    return (unit * (high - low) + low).astype(np.float32)
+
+
+def kmeans_assign(features: ArrayLike, k: int, seed: int = 0, niter: int = 25, nredo: int = 5) -> np.ndarray:
+    """faiss k-means on ``features`` [N, D] (used as given, no scaling) -> cluster id [N] int64.
+
+    Every point takes part in training (faiss would otherwise subsample above 256 points per
+    centroid) and no warning is printed for few points per centroid."""
+    import faiss  # imported here: the package stays cheap to import
+
+    x = np.ascontiguousarray(_to_numpy(features), dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {x.shape}")
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, N={n}], got {k}")
+    km = faiss.Kmeans(d, int(k), niter=int(niter), nredo=int(nredo), seed=int(seed), verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=max(1, math.ceil(n / k)))
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return assign[:, 0].astype(np.int64)
+
+
+def kmeans_purity(features: ArrayLike, labels: ArrayLike, k: Optional[int] = None, seed: int = 0,
+                  niter: int = 25, nredo: int = 5) -> float:
+    """Min-max scale ``features`` [N, D] per dimension, cluster them with k-means into ``k``
+    clusters, return the purity of the clusters against ``labels`` [N].
+
+    ``k`` defaults to the number of distinct labels in ``labels`` (the authors use the number
+    of classes). ``seed``, ``niter`` (Lloyd iterations) and ``nredo`` (restarts, best
+    objective kept) go to faiss."""
+    y = _to_numpy(labels).reshape(-1)
+    if k is None:
+        k = int(np.unique(y).size)
+    assign = kmeans_assign(minmax_scale(features), k, seed=seed, niter=niter, nredo=nredo)
+    return cluster_purity(y, assign)
+
+
+def pseudo_labels(reference_features: ArrayLike, k: int, seed: int = 0, niter: int = 25,
+                  nredo: int = 5) -> np.ndarray:
+    """Adaptation (no labelled diagnostic split): k-means cluster ids [N] int64 of min-max
+    scaled features from a frozen reference encoder, used as the labels for purity.
+
+    Compute them once per diagnostic subset with the same reference encoder (e.g. the
+    pretrained initialisation) so that every diagnosis measures against the same labels."""
+    return kmeans_assign(minmax_scale(reference_features), k, seed=seed, niter=niter, nredo=nredo)
+
+
+def relearn_alpha(purity_train: float, purity_val: float, lam: float = 3.0) -> float:
+    """Re-initialisation strength ``alpha = tanh(lam * |P_train - P_val|)`` in [0, 1)."""
+    return math.tanh(lam * abs(float(purity_train) - float(purity_val)))
+
+
+@torch.no_grad()
+def reinit_toward(params: Sequence[torch.Tensor], init_params: Sequence[torch.Tensor], alpha: float) -> None:
+    """In place: ``theta <- (1 - alpha) * theta + alpha * theta_init`` for each pair.
+
+    ``alpha = 0`` leaves the tensors bit-identical and ``alpha = 1`` copies the initial
+    values exactly. ``init_params`` are cast to each tensor's dtype and device. Apply it to
+    the online branch, to its momentum copy, and to the optimizer's fp32 master weights of
+    the branch where they exist (otherwise the next step overwrites the edit)."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if len(params) != len(init_params):
+        raise ValueError(f"{len(params)} tensors but {len(init_params)} initial tensors")
+    for p, p0 in zip(params, init_params):
+        if p.shape != p0.shape:
+            raise ValueError(f"shape mismatch {tuple(p.shape)} vs {tuple(p0.shape)}")
+    if alpha == 0.0:
+        return
+    for p, p0 in zip(params, init_params):
+        # lerp: p + alpha * (p0 - p); torch evaluates it from the nearer end, so alpha = 1
+        # yields p0 exactly
+        p.lerp_(p0.to(device=p.device, dtype=p.dtype), alpha)
+
+
+def relearn_due(epoch: int, every: int, max_times: int, done: int) -> bool:
+    """Whether to diagnose and re-learn at the end of (0-based) ``epoch``.
+
+    Fires when ``epoch > 0``, ``epoch % every == 0`` and fewer than ``max_times`` re-learnings
+    were ``done``: epochs every, 2*every, ... at most max_times times; epoch 0 never fires (as
+    in the authors' code, which checks after each epoch's training). The caller increments
+    ``done`` after each re-learning."""
+    if every <= 0:
+        return False
+    return epoch > 0 and epoch % every == 0 and done < max_times

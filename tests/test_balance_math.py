@@ -1,0 +1,487 @@
+"""The balancing methods' formulas against hand-computed values (CPU, fast)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from albef_bal.balance import (GradCoefficient, branch_of, cluster_purity, flat_dot, gblend_weights, ge_noise_like,
+                               injection_term, kmeans_purity, make_branch_hook, min_norm_coefficient,
+                               minmax_scale, mmpareto_combine, mmpareto_combine_with_stats, ogm_active,
+                               ogm_coefficients, ogm_param_filter, pseudo_labels, reinit_toward, relearn_alpha,
+                               relearn_due, scale_grad, scale_to_count)
+
+
+# ============================================================================ OGM-GE
+def test_ogm_dominant_branch_gets_one_minus_tanh_alpha_rho():
+    k_v, k_t = ogm_coefficients(0.6, 0.3, alpha=0.1)  # rho_v = 2, rho_t = 0.5
+    assert k_v == pytest.approx(1 - math.tanh(0.1 * 2.0), abs=1e-15)
+    assert k_t == 1.0
+    k_v, k_t = ogm_coefficients(0.2, 0.8, alpha=0.5)  # rho_t = 4
+    assert k_v == 1.0
+    assert k_t == pytest.approx(1 - math.tanh(0.5 * 4.0), abs=1e-15)
+
+
+def test_ogm_jumps_just_above_rho_one_and_is_one_at_equality():
+    alpha = 0.1
+    assert ogm_coefficients(0.5, 0.5, alpha) == (1.0, 1.0)
+    k_v, k_t = ogm_coefficients(0.5 * (1 + 1e-9), 0.5, alpha)
+    # tanh(alpha * rho), not tanh(alpha * (rho - 1)): just above 1 the coefficient is already
+    # 1 - tanh(alpha), about 0.9; the (rho - 1) variant would give 1 - 1e-10
+    assert k_v == pytest.approx(1 - math.tanh(alpha * 1.0), abs=1e-9)
+    assert 1 - k_v > 0.09
+    assert k_t == 1.0
+
+
+def test_ogm_zero_and_nan_scores_are_safe():
+    assert ogm_coefficients(0.4, 0.0, 0.1) == (0.0, 1.0)  # rho_v = inf -> 1 - tanh(inf)
+    assert ogm_coefficients(0.0, 0.4, 0.1) == (1.0, 0.0)
+    assert ogm_coefficients(0.0, 0.0, 0.1) == (1.0, 1.0)
+    assert ogm_coefficients(float("nan"), 0.3, 0.1) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        ogm_coefficients(0.5, 0.4, -1.0)
+
+
+def test_ogm_tensor_scores_match_float_scores():
+    for s_v, s_t in [(0.6, 0.3), (0.3, 0.6), (0.5, 0.5), (0.4, 0.0), (0.0, 0.0)]:
+        k_v, k_t = ogm_coefficients(torch.tensor(s_v), torch.tensor(s_t), 0.3)
+        f_v, f_t = ogm_coefficients(s_v, s_t, 0.3)
+        assert k_v.dim() == 0 and k_v.dtype == torch.float32
+        assert float(k_v) == pytest.approx(f_v, abs=1e-6) and float(k_t) == pytest.approx(f_t, abs=1e-6)
+    # a float and a tensor mix
+    k_v, _ = ogm_coefficients(torch.tensor(0.9), 0.3, 0.2)
+    assert float(k_v) == pytest.approx(1 - math.tanh(0.2 * 3.0), abs=1e-6)
+
+
+def test_ogm_window_is_inclusive_at_both_ends():
+    assert [e for e in range(10) if ogm_active(e, 2, 5)] == [2, 3, 4, 5]
+    assert ogm_active(0, 0, 0)
+
+
+def _two_branch_net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.ModuleDict({"vis": nn.Linear(4, 3), "txt": nn.Linear(5, 3), "head": nn.Linear(3, 2)})
+    x_v, x_t = torch.randn(8, 4), torch.randn(8, 5)
+    return net, x_v, x_t
+
+
+def _two_branch_loss(net, x_v, x_t, hook=None):
+    h_v = torch.tanh(net["vis"](x_v))
+    h_t = torch.tanh(net["txt"](x_t))
+    if hook is not None:
+        h_v = hook(h_v)
+    fused = net["head"](h_v * h_t + h_v)  # the vision output reaches the loss by two paths
+    uni_v = (h_v ** 2).mean()  # a unimodal loss on the vision branch only
+    return fused.pow(2).mean() + uni_v, h_v
+
+
+def _grads(net):
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("k", [0.25, 0.3])
+def test_scale_grad_scales_one_branch_exactly(k):
+    net, x_v, x_t = _two_branch_net()
+    loss, _ = _two_branch_loss(net, x_v, x_t)
+    loss.backward()
+    base = _grads(net)
+    net.zero_grad()
+
+    holder = GradCoefficient(1.0)
+    loss2, h_v = _two_branch_loss(net, x_v, x_t, hook=lambda h: scale_grad(h, holder))
+    assert torch.equal(loss2, loss)  # identity in the forward
+    holder.value = k  # set after the forward, read by the backward
+    loss2.backward()
+    got = _grads(net)
+    for name in ("vis.weight", "vis.bias"):
+        if k == 0.25:  # a power of two scales every float exactly
+            assert torch.equal(got[name], k * base[name])
+        else:
+            torch.testing.assert_close(got[name], k * base[name], rtol=1e-6, atol=0)
+    for name in ("txt.weight", "txt.bias", "head.weight", "head.bias"):
+        assert torch.equal(got[name], base[name]), name
+
+
+def test_scale_grad_accepts_tensor_coefficient_and_passes_through_without_grad():
+    net, x_v, x_t = _two_branch_net()
+    loss, _ = _two_branch_loss(net, x_v, x_t)
+    loss.backward()
+    base = _grads(net)
+    net.zero_grad()
+    holder = GradCoefficient()
+    loss2, _ = _two_branch_loss(net, x_v, x_t, hook=lambda h: scale_grad(h, holder))
+    holder.value = torch.tensor(0.5)
+    loss2.backward()
+    assert torch.equal(net["vis"].weight.grad, 0.5 * base["vis.weight"])
+    x = torch.randn(3)
+    assert scale_grad(x, holder) is x  # nothing to scale without autograd
+
+
+def _tiny_albef():
+    from albef_bal.config import ModelConfig, TextConfig, VisionConfig
+    from albef_bal.models.albef import ALBEF
+    cfg = ModelConfig(image_res=16, vision=VisionConfig(patch_size=8, width=16, depth=2, heads=2),
+                      text=TextConfig(vocab_size=120, width=16, layers=3, fusion_layer=1, heads=2, intermediate=32,
+                                      max_position=16),
+                      embed_dim=8, queue_size=32)
+    torch.manual_seed(0)
+    return ALBEF(cfg).eval()  # eval: no dropout, so two forwards are identical
+
+
+def _albef_step(model, batch):
+    model.zero_grad()
+    torch.manual_seed(1)  # same MLM masks and hard negatives in every call
+    out = model(*batch, alpha=0.4, update=False)
+    out.total().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_branch_hook_scales_exactly_the_vision_encoder_of_albef():
+    model = _tiny_albef()
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(4, 3, 16, 16, generator=g)
+    ids = torch.randint(104, 120, (4, 6), generator=g)
+    ids[:, 0] = 101
+    batch = (image, ids, torch.ones_like(ids))
+    out_base, base = _albef_step(model, batch)
+
+    holder = GradCoefficient()
+    model.branch_hook = make_branch_hook({"vision": holder})
+    holder.value = 0.25
+    out, got = _albef_step(model, batch)
+    assert torch.equal(out.total(), out_base.total())
+    assert set(got) == set(base)
+    n_vision = 0
+    for name, grad in got.items():
+        if branch_of(name, fusion_layer=1) == "vision":
+            n_vision += 1
+            assert torch.equal(grad, 0.25 * base[name]), name
+            assert base[name].abs().sum() > 0, name
+        else:
+            assert torch.equal(grad, base[name]), name
+    assert n_vision == sum(1 for n, _ in model.visual_encoder.named_parameters())
+
+
+def test_adam_undoes_a_constant_gradient_scale_but_not_a_learning_rate_scale():
+    """Why OGM offers an `lr` mode: AdamW divides by the root of the second moment, so a
+    gradient multiplied by a constant k gives (almost) the same steps; a learning rate
+    multiplied by k gives steps k times as long."""
+    k, lr, steps = 0.1, 1e-2, 20
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(64, 10, generator=g), torch.randn(64, generator=g)
+    w0 = torch.randn(10, generator=g)
+
+    def run(grad_scale=1.0, lr_scale=1.0):
+        w = nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([w], lr=lr * lr_scale, weight_decay=0.02)
+        for _ in range(steps):
+            opt.zero_grad()
+            ((X @ w - y) ** 2).mean().backward()
+            w.grad.mul_(grad_scale)
+            opt.step()
+        return (w.detach() - w0).norm()
+
+    base, scaled_grad, scaled_lr = run(), run(grad_scale=k), run(lr_scale=k)
+    assert abs(scaled_grad / base - 1) < 1e-3
+    assert scaled_lr / base == pytest.approx(k, rel=0.05)
+
+
+def test_ge_noise_has_zero_mean_and_the_gradients_std():
+    grad = torch.tensor([2.0, -2.0] * 500)  # mean 0, population variance 4
+    expected_std = 2.0 * math.sqrt(1000 / 999)  # Bessel-corrected, as torch.std
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.stack([ge_noise_like(grad, gen) for _ in range(200)])  # 200,000 draws
+    assert noise.shape == (200, 1000)
+    assert abs(noise.mean().item()) < 0.02
+    assert noise.std().item() == pytest.approx(expected_std, rel=0.01)
+    # the same seed on every rank gives the same noise
+    a = ge_noise_like(grad, torch.Generator().manual_seed(5))
+    b = ge_noise_like(grad, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    # scale follows the gradient (std 0.001 -> noise std about 0.001)
+    small = ge_noise_like(grad * 5e-4, torch.Generator().manual_seed(1))
+    assert small.std().item() == pytest.approx(5e-4 * expected_std, rel=0.1)
+    # dtype and shape follow the gradient; a one-element tensor gets only the eps floor
+    half = ge_noise_like(torch.randn(4, 3, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.shape == (4, 3)
+    assert ge_noise_like(torch.tensor([3.0])).abs().item() < 1e-6
+
+
+def test_ogm_param_filter_takes_every_tensor_of_two_or_more_dims():
+    assert ogm_param_filter("blocks.0.attn.qkv.weight", torch.empty(6, 2))
+    assert ogm_param_filter("patch_embed.proj.weight", torch.empty(4, 3, 2, 2))
+    assert ogm_param_filter("pos_embed", torch.empty(1, 5, 4))
+    assert not ogm_param_filter("blocks.0.attn.qkv.bias", torch.empty(6))
+    assert not ogm_param_filter("norm.weight", torch.empty(4))
+
+
+# ============================================================================ G-Blend
+def test_gblend_weights_on_synthetic_curves():
+    train_start, train_end = [2.0, 2.0, 2.0], [1.0, 1.5, 1.8]
+    val_start, val_end = [2.2, 2.1, 2.0], [1.8, 1.7, 2.1]
+    # G = val_start - val_end; O = (val_end - train_end) - (val_start - train_start)
+    G = [2.2 - 1.8, 2.1 - 1.7, 2.0 - 2.1]
+    O = [(1.8 - 1.0) - (2.2 - 2.0), (1.7 - 1.5) - (2.1 - 2.0), (2.1 - 1.8) - (2.0 - 2.0)]
+    raw = [G[0] / O[0] ** 2, G[1] / O[1] ** 2, 0.0]  # the third loss got worse: weight 0
+    expected = torch.tensor([r / sum(raw) for r in raw])
+    f64 = dict(dtype=torch.float64)
+    w = gblend_weights(torch.tensor(train_start, **f64), torch.tensor(train_end, **f64),
+                       torch.tensor(val_start, **f64), torch.tensor(val_end, **f64))
+    assert w.dtype == torch.float32 and w.shape == (3,)
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=1e-7)
+    assert float(w.sum()) == pytest.approx(1.0)
+    w3 = gblend_weights(train_start, train_end, val_start, val_end, sum_to_count=True)
+    torch.testing.assert_close(w3, 3 * expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scale_to_count(w), 3 * expected, rtol=1e-6, atol=1e-7)
+
+
+def test_gblend_equal_weights_when_nothing_generalised():
+    w = gblend_weights([1.0, 1.0], [0.5, 0.4], [1.0, 1.2], [1.1, 1.2])  # G = -0.1 and 0
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(gblend_weights([1.0, 1.0], [0.5, 0.4], [1.0, 1.2], [1.1, 1.2], sum_to_count=True),
+                               torch.ones(2))
+
+
+def test_gblend_eps_floors_a_vanishing_overfitting_term():
+    eps = 1e-2
+    # loss 0: train and val both drop by 0.5 -> G = 0.5, O = 0 -> 0.5 / eps
+    # loss 1: val drops 0.5, train drops 1.0 -> G = 0.5, O = 0.5 -> 0.5 / 0.25
+    # loss 2: O = 0.05, O^2 = 0.0025 < eps -> floored too
+    w = gblend_weights([1.0, 1.0, 1.0], [0.5, 0.0, 0.45], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], eps=eps)
+    raw = [0.5 / eps, 0.5 / (0.5 ** 2), 0.5 / eps]
+    torch.testing.assert_close(w, torch.tensor([r / sum(raw) for r in raw]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError):
+        gblend_weights([1.0], [1.0], [1.0], [1.0, 2.0])
+
+
+# ============================================================================ MMPareto
+def _t(*xs, dtype=torch.float64):
+    return torch.tensor(xs, dtype=dtype)
+
+
+def test_mmpareto_no_conflict_uses_equal_weights_and_gamma():
+    g_mm = [_t(1.0, 2.0), _t(0.5)]
+    g_uni = [_t(2.0, 1.0), _t(0.5)]  # cos > 0
+    out, st = mmpareto_combine_with_stats(g_mm, g_uni)
+    assert float(st.c) == 0.5 and not bool(st.conflict)
+    # new = 2 (0.5 m + 0.5 u) = m + u, so |m + u| / |new| = 1 and final = 1.5 (m + u)
+    for o, m, u in zip(out, g_mm, g_uni):
+        torch.testing.assert_close(o, 1.5 * (m + u))
+    torch.testing.assert_close(st.scale, torch.full((2,), 1.5, dtype=torch.float64))
+
+
+def test_mmpareto_conflict_closed_form_over_the_whole_branch():
+    # one branch of two tensors; concatenated: m = (3, 0), u = (-1, 1)
+    g_mm, g_uni = [_t(3.0), _t(0.0)], [_t(-1.0), _t(1.0)]
+    c = (2.0 - (-3.0)) / (9.0 + 2.0 - 2 * (-3.0))  # (u.u - m.u) / |m - u|^2 = 5/17
+    out, st = mmpareto_combine_with_stats(g_mm, g_uni)
+    assert float(st.cos) == pytest.approx(-3.0 / (3.0 * math.sqrt(2.0)))
+    assert float(st.c) == pytest.approx(c, abs=1e-15)
+    new = [2 * (c * 3.0 + (1 - c) * -1.0), 2 * (1 - c) * 1.0]  # (6/17, 24/17)
+    # per tensor: tensor 0 |m + u| = 2 > |new_0| -> rescaled up; tensor 1 |m + u| = 1 < |new_1|
+    expected = [1.5 * (2.0 / new[0]) * new[0], 1.5 * new[1]]
+    torch.testing.assert_close(torch.cat(out), _t(*expected))
+    # global: one factor from the branch norms
+    ratio = math.sqrt(2.0 ** 2 + 1.0 ** 2) / math.hypot(new[0], new[1])
+    out_g, st_g = mmpareto_combine_with_stats(g_mm, g_uni, rescale="global")
+    torch.testing.assert_close(torch.cat(out_g), _t(*[1.5 * max(1.0, ratio) * x for x in new]))
+    assert st_g.scale.shape == (1,) and st.scale.shape == (2,)
+    # the granularity matters: per tensor, the second tensor alone has cos = 0 and its own c
+    # would differ; the branch-level c is the one used for both tensors
+    assert float(st.c) != pytest.approx(float(mmpareto_combine_with_stats([g_mm[1]], [g_uni[1]])[1].c))
+
+
+def test_mmpareto_no_conflict_guarantee():
+    g_mm, g_uni = [_t(3.0), _t(0.0)], [_t(-1.0), _t(1.0)]
+    out_g = mmpareto_combine(g_mm, g_uni, rescale="global")
+    out_t = mmpareto_combine(g_mm, g_uni, rescale="tensor")
+    # direction and global final: non-negative inner product with both gradients
+    assert flat_dot(out_g, g_mm) >= 0 and flat_dot(out_g, g_uni) >= 0
+    # per-tensor rescale stretches tensors unequally; here it turns against g_uni
+    # (final = (3, 36/17): 3 * -1 + 36/17 * 1 < 0), which is why "global" exists
+    torch.testing.assert_close(torch.cat(out_t), _t(3.0, 1.5 * 2 * (1 - 5 / 17)))
+    assert flat_dot(out_t, g_uni) < 0
+
+    # random conflicting branches of several tensors
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    for _ in range(200):
+        m = [torch.randn(s, generator=gen, dtype=torch.float64) * torch.rand(1, generator=gen, dtype=torch.float64)
+             for s in shapes]
+        u = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        if flat_dot(m, u) > 0:
+            u = [-x for x in u]
+        new, st = mmpareto_combine_with_stats(m, u, gamma=1.0, rescale="global")
+        assert bool(st.conflict)
+        direction = [2 * (st.c * a + (1 - st.c) * b) for a, b in zip(m, u)]
+        for d in (direction, new):
+            assert flat_dot(d, m) >= -1e-12 and flat_dot(d, u) >= -1e-12
+
+
+def test_mmpareto_c_ends():
+    # literal clip: the minimiser 1e-4 / (1 + 1e-4) is below 0.001 -> 0.001
+    m, u = [_t(1.0, 0.0)], [_t(-1e-4, 0.0)]
+    assert float(mmpareto_combine_with_stats(m, u, c_rule="clip")[1].c) == pytest.approx(0.001, abs=1e-15)
+    # the authors' solver keeps the exact minimiser inside (0, 1)
+    assert float(mmpareto_combine_with_stats(m, u)[1].c) == pytest.approx(1e-4 / (1 + 1e-4), rel=1e-12)
+    # upper end: the minimiser 1 / (1 + 1e-4) is above 0.999 -> 0.999
+    m, u = [_t(1e-4, 0.0)], [_t(-1.0, 0.0)]
+    assert float(mmpareto_combine_with_stats(m, u, c_rule="clip")[1].c) == pytest.approx(0.999, abs=1e-15)
+    assert float(mmpareto_combine_with_stats(m, u)[1].c) == pytest.approx(1 / (1 + 1e-4), rel=1e-12)
+    # the authors' ends: minimiser >= 1 (m.u >= |m|^2) -> 0.999; <= 0 (m.u >= |u|^2) -> 0.001
+    one = torch.tensor(1.0, dtype=torch.float64)
+    assert float(min_norm_coefficient(one * 1.0, one * 1.5, one * 4.0)) == 0.999
+    assert float(min_norm_coefficient(one * 4.0, one * 1.5, one * 1.0)) == 0.001
+    assert float(min_norm_coefficient(one * 4.0, one * 1.5, one * 1.0, rule="clip")) == 0.001
+    # inside: (|u|^2 - m.u) / (|m|^2 + |u|^2 - 2 m.u)
+    assert float(min_norm_coefficient(one * 4.0, -one, one * 2.0)) == pytest.approx((2.0 + 1.0) / (4.0 + 2.0 + 2.0))
+    with pytest.raises(ValueError):
+        min_norm_coefficient(one, one, one, rule="nope")
+
+
+def test_mmpareto_clip_can_break_the_guarantee_the_authors_rule_keeps():
+    m, u = [_t(1.0, 0.0)], [_t(-1e-4, 1e-5)]  # u nearly cancels a part of m
+    for rule, ok in (("authors", True), ("clip", False)):
+        _, st = mmpareto_combine_with_stats(m, u, c_rule=rule)
+        d = [st.c * m[0] + (1 - st.c) * u[0]]
+        assert (bool(flat_dot(d, u) >= 0) and bool(flat_dot(d, m) >= 0)) == ok, rule
+
+
+def test_mmpareto_degenerate_inputs_stay_finite():
+    m = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
+    zero = [torch.zeros(2), torch.zeros(1, 1)]
+    # no unimodal gradient: cos = 0 -> conflict branch, c = 0.001, new = 0.002 m, rescaled
+    # back to |m|: final = gamma * m
+    out = mmpareto_combine(m, zero)
+    for o, x in zip(out, m):
+        torch.testing.assert_close(o, 1.5 * x)
+    out = mmpareto_combine(zero, zero)
+    assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
+    # dtypes and shapes follow g_mm
+    out = mmpareto_combine([x.bfloat16() for x in m], [x.bfloat16() for x in m])
+    assert [o.dtype for o in out] == [torch.bfloat16] * 2 and [o.shape for o in out] == [x.shape for x in m]
+    st = mmpareto_combine_with_stats(m, zero)[1]
+    assert set(st.scalars("vision/")) == {"vision/cos", "vision/c", "vision/conflict", "vision/scale_mean",
+                                          "vision/scale_max"}
+
+
+# ============================================================================ injection
+def test_injection_term_yields_exactly_the_target_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    params = list(net.parameters())
+    loss = net(x).pow(2).mean()
+    natural = torch.autograd.grad(loss, params, retain_graph=True)
+    target = [torch.randn_like(p) for p in params]
+    (loss + injection_term(params, target, natural)).backward()
+    for p, t in zip(params, target):
+        torch.testing.assert_close(p.grad, t, rtol=0, atol=1e-15)
+    # data parallel: each rank injects (target - its own natural); the average is the target
+    ranks = [[n + torch.randn_like(n) for n in natural] for _ in range(2)]
+    avg = [sum(r[i] + (t - r[i]) for r in ranks) / 2 for i, t in enumerate(target)]
+    for a, t in zip(avg, target):
+        torch.testing.assert_close(a, t, rtol=0, atol=1e-14)
+
+
+# ============================================================================ Re-learning
+def test_cluster_purity_by_hand():
+    labels = [0, 0, 0, 1, 1, 2]
+    clusters = [5, 5, 7, 7, 7, 9]  # majorities: 5 -> 0 (2 of 2), 7 -> 1 (2 of 3), 9 -> 2 (1 of 1)
+    assert cluster_purity(labels, clusters) == pytest.approx((2 + 2 + 1) / 6)
+    assert cluster_purity(np.array([0, 0, 1, 1, 1]), np.zeros(5)) == pytest.approx(3 / 5)
+    assert cluster_purity(torch.tensor([3, 3, 8]), torch.tensor([1, 1, 0])) == 1.0
+    with pytest.raises(ValueError):
+        cluster_purity([0, 1], [0])
+
+
+def test_minmax_scale_by_hand():
+    x = np.array([[0.0, 5.0, -2.0], [10.0, 5.0, 2.0], [5.0, 5.0, 0.0]])
+    s = minmax_scale(x)
+    np.testing.assert_allclose(s[:, 0], [-1.0, 1.0, 0.0])
+    np.testing.assert_allclose(s[:, 1], [0.0, 0.0, 0.0])  # constant dimension -> middle
+    np.testing.assert_allclose(s[:, 2], [-1.0, 1.0, 0.0])
+    assert s.dtype == np.float32
+
+
+def _blobs(n_per=30, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.eye(3, d) * 10.0
+    x = np.concatenate([c + rng.normal(0, 0.3, size=(n_per, d)) for c in centres])
+    y = np.repeat(np.arange(3), n_per)
+    return x.astype(np.float32), y
+
+
+def test_kmeans_purity_on_toy_clusters():
+    x, y = _blobs()
+    assert kmeans_purity(x, y, seed=0, niter=20) == 1.0
+    noisy = y.copy()
+    noisy[:2] = 1  # two points of blob 0 labelled 1: blob 0's majority is still 0
+    assert kmeans_purity(torch.from_numpy(x), noisy, k=3, seed=0, niter=20) == pytest.approx((28 + 30 + 30) / 90)
+
+
+def test_pseudo_labels_recover_the_clusters_of_a_reference_encoder():
+    x, y = _blobs(seed=1)
+    labels = pseudo_labels(x, k=3, seed=0)
+    assert labels.dtype == np.int64 and labels.shape == (90,)
+    assert cluster_purity(y, labels) == 1.0 and cluster_purity(labels, y) == 1.0
+    np.testing.assert_array_equal(labels, pseudo_labels(x, k=3, seed=0))
+
+
+def test_relearn_alpha_values():
+    assert relearn_alpha(0.9, 0.6) == pytest.approx(math.tanh(3 * (0.9 - 0.6)))
+    assert relearn_alpha(0.6, 0.9, lam=2.0) == pytest.approx(math.tanh(2.0 * (0.9 - 0.6)))
+    assert relearn_alpha(0.7, 0.7) == 0.0
+
+
+def test_reinit_toward_interpolates_exactly():
+    p = nn.Parameter(torch.tensor([2.0, 4.0]))
+    reinit_toward([p], [torch.tensor([4.0, 0.0])], 0.25)
+    assert torch.equal(p.data, torch.tensor([(1 - 0.25) * 2.0 + 0.25 * 4.0, (1 - 0.25) * 4.0 + 0.25 * 0.0]))
+
+    gen = torch.Generator().manual_seed(0)
+    cur = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
+    init = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
+    a = [t.clone() for t in cur]
+    reinit_toward(a, init, 0.3)
+    for x, c0, i0 in zip(a, cur, init):
+        torch.testing.assert_close(x, (1 - 0.3) * c0 + 0.3 * i0, rtol=0, atol=1e-6)
+    b = [t.clone() for t in cur]
+    reinit_toward(b, init, 0.0)
+    assert all(torch.equal(x, c0) for x, c0 in zip(b, cur))
+    c = [t.clone() for t in cur]
+    reinit_toward(c, init, 1.0)
+    assert all(torch.equal(x, i0) for x, i0 in zip(c, init))
+    # a bf16 copy (e.g. the model weights beside fp32 masters) takes the fp32 initial values
+    h = [cur[0].bfloat16()]
+    reinit_toward(h, [init[0]], 1.0)
+    assert torch.equal(h[0], init[0].bfloat16())
+    with pytest.raises(ValueError):
+        reinit_toward(a, init, 1.5)
+
+
+def test_relearn_fires_only_on_schedule():
+    fired, done = [], 0
+    for epoch in range(13):
+        if relearn_due(epoch, every=3, max_times=2, done=done):
+            fired.append(epoch)
+            done += 1
+    assert fired == [3, 6]
+    assert not relearn_due(0, every=1, max_times=5, done=0)  # epoch 0 never fires
+    assert relearn_due(1, every=1, max_times=5, done=0)
+    assert not relearn_due(4, every=0, max_times=5, done=0)
+    assert not relearn_due(4, every=2, max_times=0, done=0)
+
+
+# ============================================================================ roles
+def test_branch_of_assigns_albef_parameters():
+    assert branch_of("visual_encoder.blocks.0.attn.qkv.weight", 6) == "vision"
+    assert branch_of("module.visual_encoder.pos_embed", 6) == "vision"
+    assert branch_of("text_encoder.embeddings.word_embeddings.weight", 6) == "text"
+    assert branch_of("text_encoder.encoder.layer.5.output.dense.weight", 6) == "text"
+    assert branch_of("text_encoder.encoder.layer.6.crossattention.self.key.weight", 6) == "head"
+    for name in ("vision_proj.weight", "text_proj.bias", "itm_head.weight", "mlm_head.bias", "temp"):
+        assert branch_of(name, 6) == "head"
+    for name in ("visual_encoder_m.norm.weight", "text_encoder_m.embeddings.LayerNorm.bias", "vision_proj_m.weight"):
+        assert branch_of(name, 6) is None
