@@ -35,3 +35,31 @@ def tiny_batch(cfg: Config, batch: int = 4, length: int = 10, seed: int = 0, pad
         ids[-1, 6:] = t.pad_token_id
         mask[-1, 6:] = 0
     return images, ids, mask
+
+
+class RandomPairs:
+    """A data source of random tiny batches whose content is a pure function of
+    (seed, epoch, rank, batch index): what the trainer's resume contract asks of real data.
+    With ``repeat=True`` every batch is the same one (for "the loss goes down" checks)."""
+
+    def __init__(self, cfg: Config, batches_per_epoch: int = 8, length: int = 10, repeat: bool = False,
+                 retrieval: bool = False):
+        self.cfg = cfg
+        self.batches_per_epoch = batches_per_epoch
+        self.length = length
+        self.repeat = repeat
+        self.retrieval = retrieval
+
+    def batch(self, epoch: int, index: int) -> dict:
+        import os
+        rank = int(os.environ.get("RANK", 0))
+        seed = 0 if self.repeat else (self.cfg.train.seed * 7919 + epoch) * 104729 + rank * 1009 + index
+        images, ids, mask = tiny_batch(self.cfg, self.cfg.train.micro_batch_size, self.length, seed=seed)
+        out = {"image": images, "input_ids": ids, "attention_mask": mask}
+        if self.retrieval:
+            out["idx"] = torch.arange(len(ids)) + 100 * rank
+        return out
+
+    def loader(self, epoch: int, skip_batches: int):
+        for i in range(skip_batches, self.batches_per_epoch):
+            yield self.batch(epoch, i)

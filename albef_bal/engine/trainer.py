@@ -116,8 +116,9 @@ class Trainer:
             hooks_state = trainer_state.pop("hooks", None)
             self.state = TrainState(**trainer_state)
             self.hooks.load_state_dict(hooks_state)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, self.state.step,
-                     self.state.epoch, self.state.batch_in_epoch)
+            if self.rank == 0:
+                log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, self.state.step,
+                         self.state.epoch, self.state.batch_in_epoch)
         self._install_signal_handlers()
         return self
 
@@ -225,6 +226,7 @@ class Trainer:
             return False
         grad_norms = branch_grad_norms(self.branches) if ctx.log else {}
         self.hooks.before_step(ctx)
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         skipped = self._window_bad
         if skipped:
             # keep the parameters where they are: AdamW with lr 0 changes nothing (the
@@ -250,7 +252,7 @@ class Trainer:
         else:
             st.nonfinite_in_row = 0
         if ctx.log:
-            self._log(ctx, grad_norms)
+            self._log(ctx, grad_norms, lrs)
         return True
 
     _preempt_agreed = False
@@ -269,7 +271,7 @@ class Trainer:
             s, n = self._window.get(k, (0.0, 0))
             self._window[k] = (s + v, n + 1)
 
-    def _log(self, ctx: StepContext, grad_norms: dict) -> None:
+    def _log(self, ctx: StepContext, grad_norms: dict, lrs: dict) -> None:
         st = self.state
         keys = sorted(self._window)
         if keys:
@@ -289,7 +291,6 @@ class Trainer:
             row["rho_v"] = row["score_v"] / row["score_t"]
         row.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
         row.update(self.hooks.metrics())
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         row.update(epoch=st.epoch, lr=next(iter(lrs.values())), alpha=ctx.alpha,
                    pairs_per_s=self.global_batch * steps / max(elapsed, 1e-9),
                    step_time_s=elapsed / max(steps, 1), samples=st.samples,
@@ -316,5 +317,6 @@ class Trainer:
         st = asdict(self.state)
         st["hooks"] = self.hooks.state_dict()
         path = self.ckpt.save(self.engine, self.state.step, st)
-        log.info("checkpoint: %s", path)
+        if self.rank == 0:
+            log.info("checkpoint: %s", path)
         return path

@@ -1,0 +1,198 @@
+"""Scenarios run under torchrun / the deepspeed launcher / a single process by the engine
+tests. Each writes a JSON result (rank 0, or one file per rank) for the test to check.
+
+    python tests/dist_worker.py SCENARIO OUT_DIR [key=value ...]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import RandomPairs, tiny_config  # noqa: E402
+
+from albef_bal import distributed as D  # noqa: E402
+from albef_bal.engine.hooks import TrainHooks  # noqa: E402
+from albef_bal.engine.trainer import NonFiniteLossError, Trainer  # noqa: E402
+from albef_bal.models import ALBEF  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_cfg(out, *extra):
+    return tiny_config(f"train.output_dir={out}", f"train.deepspeed_config={ROOT}/configs/deepspeed/zero1.json",
+                       "train.micro_batch_size=4", "train.lr=1e-3", "train.warmup_steps=2", "train.log_every=1",
+                       "train.tensorboard=false", "model.queue_size=32", "model.text.dropout=0.0", *extra)
+
+
+def trainer(cfg, data=None, hooks=None):
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    return Trainer(cfg, ALBEF(cfg.model), data or RandomPairs(cfg, 8), hooks).setup()
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+def flat_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def write(out, name, obj):
+    if D.is_main_process():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(obj, f)
+
+
+# ---------------------------------------------------------------- scenarios
+def stages(out, args):
+    """A repeated batch, ZeRO 0/1/2 with grad accumulation 2: the loss must go down."""
+    result = {}
+    for stage in (0, 1, 2):
+        d = os.path.join(out, f"zero{stage}")
+        cfg = make_cfg(d, f"train.zero_stage={stage}", "train.grad_accum=2", "train.max_steps=8",
+                       "train.save_every=0", "train.alpha_warmup=false")
+        res = trainer(cfg, RandomPairs(cfg, 16, repeat=True)).run()
+        if D.is_main_process():
+            result[stage] = {"losses": losses(d), "outcome": res["outcome"], "step": res["step"]}
+    write(out, "result.json", result)
+
+
+def queue(out, args):
+    """Each rank enqueues its own momentum features; every rank's queue holds all of them."""
+    from albef_bal.engine.dist_env import init_distributed
+    init_distributed()
+    cfg = make_cfg(out)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    batch = RandomPairs(cfg).batch(0, 0)
+    with torch.no_grad():
+        model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        mine = torch.nn.functional.normalize(model.vision_proj_m(model.visual_encoder_m(batch["image"])[:, 0]), dim=-1)
+    everyone = D.concat_all_gather(mine)
+    B, n = len(mine), len(everyone)
+    rank = D.get_rank()
+    res = {"queue_matches_all_ranks": torch.allclose(model.image_queue[:, :n].T, everyone, atol=1e-6),
+           "my_slot": torch.allclose(model.image_queue[:, rank * B:(rank + 1) * B].T, mine, atol=1e-6),
+           "ptr": int(model.queue_ptr), "world": D.get_world_size()}
+    with open(os.path.join(out, f"queue_rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+
+
+class SignalAt(TrainHooks):
+    """Simulate a cluster pre-emption: rank 0 gets SIGUSR1 after optimizer step ``at``."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_step(self, ctx):
+        if ctx.step + 1 == self.at and D.is_main_process():
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def resume(out, args):
+    """2N uninterrupted steps == N steps, pre-emption, resume, the rest (fp32, fixed seeds)."""
+    stage = int(args.get("stage", 2))
+    common = (f"train.zero_stage={stage}", "train.grad_accum=2", "train.max_steps=8", "train.save_every=0")
+    a = trainer(make_cfg(os.path.join(out, "a"), *common))
+    a.run()
+    full = flat_state(a.module)
+    b = trainer(make_cfg(os.path.join(out, "b"), *common), hooks=SignalAt(3))
+    first = b.run()
+    c = trainer(make_cfg(os.path.join(out, "b"), *common, "train.resume=auto"))
+    resumed_from = c.state.step
+    second = c.run()
+    write(out, "result.json", {"max_diff": max_diff(full, flat_state(c.module)), "first": first["outcome"],
+                               "first_step": first["step"], "resumed_from": resumed_from,
+                               "final_step": second["step"], "world": D.get_world_size(),
+                               "b_losses": losses(os.path.join(out, "b"))})
+
+
+def interrupted_save(out, args):
+    """A save that dies before its commit leaves the previous checkpoint as the latest."""
+    from albef_bal.engine.checkpoint import CheckpointManager
+    cfg = make_cfg(out, "train.max_steps=6", "train.save_every=3", "train.zero_stage=2")
+    t = trainer(cfg)
+    saved = {}
+    real_save = t.save
+
+    def save_and_remember():
+        saved[t.state.step] = flat_state(t.module)
+        return real_save()
+    t.save = save_and_remember
+    original = CheckpointManager._commit
+
+    def crash(self, tmp, final, state):
+        if final.endswith("step_00000006"):
+            raise KeyboardInterrupt("killed during the save")
+        return original(self, tmp, final, state)
+    CheckpointManager._commit = crash
+    try:
+        t.run()
+        crashed = False
+    except KeyboardInterrupt:
+        crashed = True
+    CheckpointManager._commit = original
+    latest = t.ckpt.latest()
+    leftovers = sorted(os.listdir(t.ckpt.root))
+    again = trainer(make_cfg(out, "train.max_steps=6", "train.save_every=3", "train.zero_stage=2",
+                             "train.resume=auto"))
+    write(out, "result.json", {"crashed": crashed, "latest": os.path.basename(latest or ""),
+                               "leftovers": leftovers, "resumed_step": again.state.step,
+                               "max_diff": max_diff(saved[3], flat_state(again.module))})
+
+
+class NaNAt(TrainHooks):
+    """Return a NaN loss at the given optimizer steps."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.before = {}
+
+    def loss(self, out, ctx):
+        loss = super().loss(out, ctx)
+        if ctx.step in self.steps:
+            self.before[ctx.step] = {n: p.detach().clone() for n, p in self.trainer.module.named_parameters()}
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, ctx):
+        if ctx.step in self.before:
+            now = dict(self.trainer.module.named_parameters())
+            self.unchanged = all(torch.equal(now[n], v) for n, v in self.before[ctx.step].items())
+
+
+def nonfinite(out, args):
+    """A NaN loss skips its update; too many in a row stop the run with a checkpoint."""
+    cfg = make_cfg(os.path.join(out, "one"), "train.max_steps=5", "train.save_every=0", "train.zero_stage=2")
+    hooks = NaNAt([2])
+    t = trainer(cfg, hooks=hooks)
+    res = t.run()
+    cfg2 = make_cfg(os.path.join(out, "many"), "train.max_steps=10", "train.save_every=0", "train.max_nonfinite=3")
+    t2 = trainer(cfg2, hooks=NaNAt(range(2, 10)))
+    try:
+        t2.run()
+        stopped = None
+    except NonFiniteLossError as e:
+        stopped = str(e)
+    write(out, "result.json", {"unchanged": hooks.unchanged, "skipped": res["nonfinite_total"],
+                               "final_step": res["step"], "losses_finite": all(x == x for x in losses(cfg.train.output_dir)),
+                               "stopped": stopped, "stop_ckpt": os.path.basename(t2.ckpt.latest() or "")})
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    scenario, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    kv = dict(a.split("=", 1) for a in sys.argv[3:])
+    globals()[scenario](out, kv)
