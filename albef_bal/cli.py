@@ -47,7 +47,41 @@ def run_convert(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_convert]
+# --------------------------------------------------------------------- pretrain
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, required=True)
+    p.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in the output directory) or a "
+                                    "checkpoint directory; shortcut for --set train.resume=...")
+
+
+def load_run_config(args):
+    from .config import load_config
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    return load_config(args.config, overrides)
+
+
+def add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pretrain ALBEF on WebDataset shards with DeepSpeed",
+        description="Pretrain ALBEF (ITC + ITM + MLM with momentum distillation) with DeepSpeed. Start it "
+                    "directly (one process), or under deepspeed / torchrun / accelerate launch / srun; see "
+                    "launch/README.md for several nodes.")
+    add_run_args(p)
+    p.set_defaults(func=run_pretrain)
+
+
+def run_pretrain(args) -> int:
+    from .engine.pretrain import pretrain
+    result = pretrain(load_run_config(args))
+    return 0 if result["outcome"] in ("finished", "preempted") else 1
+
+
+SUBCOMMANDS = [add_convert, add_pretrain]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="ALBEF vision-language pretraining with DeepSpeed, WebDataset and modality balancing.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"albef-bal {__version__}")
+    # the deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is
+    # read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -72,9 +109,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"albef-bal {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ in ("TokenizerError", "SplitError", "DataPipelineError", "NonFiniteLossError"):
+            print(f"albef-bal {args.command}: error: {e}", file=sys.stderr)
+            return 2 if type(e).__name__ != "NonFiniteLossError" else 3
+        raise
 
 
 if __name__ == "__main__":

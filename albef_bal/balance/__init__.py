@@ -15,6 +15,7 @@ Pure tensor functions; the training hooks that call them live with the engine.
 Importing this package does not import faiss (the k-means functions do, on first use).
 """
 from .branches import branch_of
+from .factory import build_balancer
 from .gblend import gblend_weights, scale_to_count
 from .grad_ops import (GradCoefficient, GradScale, flat_dot, flat_sq_norm, injection_term, make_branch_hook,
                        scale_grad)
@@ -24,7 +25,7 @@ from .relearn import (cluster_purity, kmeans_assign, kmeans_purity, minmax_scale
                       relearn_alpha, relearn_due)
 
 __all__ = [
-    "branch_of",
+    "branch_of", "build_balancer",
     "gblend_weights", "scale_to_count",
     "GradCoefficient", "GradScale", "flat_dot", "flat_sq_norm", "injection_term", "make_branch_hook", "scale_grad",
     "MMParetoStats", "min_norm_coefficient", "mmpareto_combine", "mmpareto_combine_with_stats",
