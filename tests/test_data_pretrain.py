@@ -134,3 +134,12 @@ def test_data_config_validation(data_config):
     cfg.data.samples_per_epoch = 4
     with pytest.raises(ConfigError, match="micro_batch_size"):
         cfg.validate()
+
+
+def test_pipe_urls_stream_the_same_data(data_config, data_corpus):
+    local = data_config(seed=3, batch=4, samples_per_epoch=16)
+    piped = data_config(seed=3, batch=4, samples_per_epoch=16,
+                        train_shards=f"pipe:cat {data_corpus['dir']}/train/{{00000..00005}}.tar")
+    _, a = _run(local)
+    _, b = _run(piped)
+    assert len(a) == len(b) == 4 and all(_same(x, y) for x, y in zip(a, b))

@@ -75,6 +75,10 @@ class PairDataset(Dataset):
         self.pairs = pairs
         self.transform = transform
         self.stream_seed = stream_seed
+        # one counter per process (each DataLoader worker has its copy), so the log keeps to
+        # the first few failures of each reason; items are processed one at a time, so
+        # take() right after an item returns that item's counts
+        self.counter = SkipCounter("[finetune]")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -90,7 +94,8 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Prepared, dict]:
         rng = sample_rng(self.stream_seed, i)
-        counter = SkipCounter("[finetune]")
+        counter = self.counter
+        counter.take()
         for _ in range(MAX_SUBSTITUTES):
             try:
                 img = self._load(i)

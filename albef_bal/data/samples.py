@@ -14,7 +14,7 @@ import json
 import random
 from typing import Any, Optional
 
-from .captions import CaptionError, captions_from_json, decode_text, pick_caption
+from .captions import captions_from_json, decode_text, pick_caption
 from .skips import SkipSample
 from .transforms import IMAGE_EXTENSIONS
 
@@ -69,6 +69,3 @@ def parse_sample(raw: dict, max_words: int, rng: Optional[random.Random] = None
     caption = pick_caption(caption_candidates(raw, meta), max_words, rng)
     return caption, img, image_id(meta), meta
 
-
-__all__ = ["CaptionError", "SkipSample", "image_member", "parse_json", "caption_candidates", "image_id",
-           "parse_sample"]

@@ -11,8 +11,8 @@ Reasons:
   empty_caption      the caption is empty after cleaning
   bad_utf8           the .txt member is not valid UTF-8
   bad_json           the .json member does not parse
-  truncated_tar      a shard that ended early or had a corrupt header (its partial last
-                     sample is dropped with it; counted once per shard read)
+  truncated_tar      a shard that ended early or had a corrupt header (the sample that
+                     was cut is dropped with it; counted once per shard read)
   shard_open_failed  a shard URL that could not be opened after the retries
 """
 from __future__ import annotations

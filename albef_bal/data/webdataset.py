@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
