@@ -140,8 +140,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # pretraining shards: a path, brace pattern ("shards/{00000..00099}.tar"), "pipe:" URL,
-    # or a list of them
+    # a directory of .tar files, or a list of them
     train_shards: Union[str, list[str]] = ""
+    # fine-tuning: an ALBEF-format annotation JSON (one entry per caption, with image_id)
+    # and the directory its "image" paths are relative to (default: the JSON's directory)
+    train_json: Optional[str] = None
+    train_image_root: Optional[str] = None
     # a retrieval split for validation/evaluation: annotation JSON (+ image_root) or shards
     val_split: Optional[str] = None
     val_image_root: Optional[str] = None
@@ -155,16 +159,40 @@ class DataConfig:
     add_sep: bool = True
     num_workers: int = 4
     shuffle_buffer: int = 2000
+    # pretraining epoch length in samples (all ranks together); the shard stream is endless
     samples_per_epoch: int = 0
+    # augmentation: RandomResizedCrop(scale=(crop_scale_min, 1)), flip, RandAugment(n, m)
     rand_aug: bool = True
+    rand_aug_n: int = 2
+    rand_aug_m: int = 7
     crop_scale_min: float = 0.2
+    finetune_crop_scale_min: float = 0.5
+    # turn off for data whose captions name left and right (e.g. the synthetic corpus)
+    hflip: bool = True
+    # a shard that cannot be opened is retried this often, waiting delay, 2 x delay, ...
+    shard_retries: int = 3
+    shard_retry_delay: float = 1.0
 
     def validate(self, key: str) -> None:
         _positive(self, key, "max_len", "max_words")
-        if self.num_workers < 0:
-            raise ConfigError(f"{key}.num_workers must be >= 0, got {self.num_workers}")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ConfigError(f"{key}.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.max_len < 2 + int(self.add_sep):
+            raise ConfigError(f"{key}.max_len ({self.max_len}) leaves no room for text after [CLS]"
+                              f"{' and [SEP]' if self.add_sep else ''}")
+        for name in ("num_workers", "shuffle_buffer", "samples_per_epoch", "rand_aug_n", "shard_retries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.rand_aug_m <= 10:
+            raise ConfigError(f"{key}.rand_aug_m is a magnitude on a 0-10 scale, got {self.rand_aug_m}")
+        for name in ("crop_scale_min", "finetune_crop_scale_min"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{key}.{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.shard_retry_delay < 0:
+            raise ConfigError(f"{key}.shard_retry_delay must be >= 0, got {self.shard_retry_delay}")
+        if self.train_image_root is not None and self.train_json is None:
+            raise ConfigError(f"{key}.train_image_root is set but {key}.train_json is not")
+        for split in ("val", "test"):
+            if getattr(self, f"{split}_image_root") is not None and getattr(self, f"{split}_split") is None:
+                raise ConfigError(f"{key}.{split}_image_root is set but {key}.{split}_split is not")
 
 
 @dataclass
@@ -260,6 +288,9 @@ class Config:
         if self.data.max_len > self.model.text.max_position:
             raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.text.max_position "
                               f"({self.model.text.max_position})")
+        if 0 < self.data.samples_per_epoch < self.train.micro_batch_size:
+            raise ConfigError(f"data.samples_per_epoch ({self.data.samples_per_epoch}) is smaller than one "
+                              f"micro batch (train.micro_batch_size={self.train.micro_batch_size})")
         return self
 
 
