@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # DeepSpeed: build no CUDA ops at install time; torch: the pinned CPU build.
 PIP_ENV := DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 PYTEST_ARGS ?=
+# DeepSpeed JIT-compiles a CPU communication op on first use; keep its build cache in the
+# environment it was built for (a shared ~/.cache entry is rebuilt by every other venv)
+RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
 .PHONY: venv test demo lint clean-venv
 
@@ -22,10 +25,10 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 test: venv
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(RUN_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: venv
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/albef-bal demo $(DEMO_ARGS)
+	$(RUN_ENV) $(VENV)/bin/albef-bal demo $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

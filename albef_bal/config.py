@@ -81,10 +81,15 @@ class TextConfig:
                 f"{key}.fusion_layer must be in [0, {key}.layers={self.layers}], got {self.fusion_layer}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+
+    def check_token_ids(self, key: str = "model.text") -> None:
+        """Special ids inside the vocabulary. Checked when the model is built, after the
+        tokenizer has written its ids (``sync_text_config``), not at config load."""
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
             v = getattr(self, name)
             if not 0 <= v < self.vocab_size:
-                raise ConfigError(f"{key}.{name}={v} is outside the vocabulary (vocab_size={self.vocab_size})")
+                raise ConfigError(f"{key}.{name}={v} is outside the vocabulary (vocab_size={self.vocab_size}); "
+                                  f"set data.tokenizer (its ids are copied in) or {key}.{name}")
 
 
 @dataclass

@@ -67,7 +67,6 @@ def test_wrong_types_are_named(override, pattern):
     (["model.momentum=1.0"], r"model\.momentum must be in \[0, 1\)"),
     (["model.temp=0.9"], r"model\.temp must be in the clamp range"),
     (["data.max_len=600"], r"data\.max_len \(600\) exceeds model\.text\.max_position"),
-    (["model.text.vocab_size=100"], r"model\.text\.cls_token_id=101 is outside the vocabulary"),
 ])
 def test_impossible_combinations_are_refused(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -99,3 +98,10 @@ def test_save_and_reload_round_trip(tmp_path):
     again = load_config(path)
     assert to_dict(again) == to_dict(cfg)
     assert isinstance(again, Config)
+
+
+def test_special_token_ids_are_checked_when_the_model_is_built():
+    from albef_bal.models import ALBEF
+    cfg = load_config(None, ["model.text.vocab_size=100"])  # ids come from the tokenizer later
+    with pytest.raises(ConfigError, match=r"model\.text\.cls_token_id=101 is outside the vocabulary.*data\.tokenizer"):
+        ALBEF(cfg.model)

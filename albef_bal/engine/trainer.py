@@ -76,6 +76,7 @@ class Trainer:
         self.state = TrainState()
         self._preempt = False
         self._window_bad = False
+        self._skips_since_log: dict = {}
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
@@ -201,7 +202,7 @@ class Trainer:
         ctx = StepContext(step=st.step, epoch=st.epoch, micro=micro, grad_accum=t.grad_accum, alpha=alpha,
                           boundary=boundary, log=boundary and (st.step + 1) % t.log_every == 0)
         for reason, n in (batch.pop("skipped", None) or {}).items():
-            st.data_skipped[reason] = st.data_skipped.get(reason, 0) + int(n)
+            self._skips_since_log[reason] = self._skips_since_log.get(reason, 0) + int(n)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
         out = self.engine(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
@@ -258,6 +259,21 @@ class Trainer:
     _preempt_agreed = False
     _postfix: dict = {}
 
+    def _sync_skips(self) -> None:
+        """Fold every rank's data-skip counts since the last call into the global totals
+        (collective; at log steps and checkpoints)."""
+        from ..data.skips import SKIP_REASONS
+        reasons = list(SKIP_REASONS) + ["other"]
+        local = dict(self._skips_since_log)
+        local["other"] = sum(n for r, n in local.items() if r not in SKIP_REASONS)
+        counts = torch.tensor([local.get(r, 0) for r in reasons], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        for r, n in zip(reasons, counts.tolist()):
+            if n:
+                self.state.data_skipped[r] = self.state.data_skipped.get(r, 0) + int(n)
+        self._skips_since_log = {}
+
     def _accumulate(self, out, loss) -> None:
         """Running sums of the step's scalars as tensors (no device sync until a log step)."""
         values = {"loss": loss.detach(), "loss_itc": out.loss_itc, "loss_i2t": out.loss_i2t,
@@ -297,7 +313,8 @@ class Trainer:
                    peak_mem_mb=peak_memory_mb(self.device), nonfinite_total=st.nonfinite_total)
         if len(set(lrs.values())) > 1:
             row.update({f"lr/{k}": v for k, v in lrs.items()})
-        row.update({f"data_skipped/{k}": v for k, v in st.data_skipped.items()})
+        self._sync_skips()
+        row.update({f"data_skipped/{k}": v for k, v in st.data_skipped.items() if v})
         self.metrics.log(st.step, row)
         self._postfix = {"loss": f"{row.get('loss', float('nan')):.3f}", "pairs/s": f"{row['pairs_per_s']:.1f}"}
 
@@ -314,6 +331,7 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> str:
+        self._sync_skips()
         st = asdict(self.state)
         st["hooks"] = self.hooks.state_dict()
         path = self.ckpt.save(self.engine, self.state.step, st)

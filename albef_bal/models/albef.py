@@ -73,6 +73,7 @@ class ALBEFOutput:
 class ALBEF(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg.text.check_token_ids()
         self.cfg = cfg
         t = cfg.text
         self.retrieval = cfg.retrieval
