@@ -45,20 +45,23 @@ def _free_port() -> int:
 
 
 def ensure_corpus(data_dir: str, log, preset: str = "none") -> dict:
-    """The synthetic corpus in ``data_dir`` (imbalance ``preset`` on its training split),
-    written unless an identical one is already there."""
+    """The synthetic corpus in ``data_dir`` (imbalance ``preset``), written unless an
+    identical one is already there."""
     from dataclasses import asdict
-    from .data.synthetic import PRESETS, SyntheticConfig
+    from .data.synthetic import CORPUS_VERSION, preset_config
     from .data.synthetic_corpus import read_manifest, write_corpus
-    if preset not in PRESETS:
+    try:
+        want = preset_config(preset, seed=CORPUS["seed"], max_objects=CORPUS["max_objects"])
+    except ValueError as e:
         from .config import ConfigError
-        raise ConfigError(f"unknown imbalance preset {preset!r}; choose from {', '.join(PRESETS)}")
-    want = SyntheticConfig(seed=CORPUS["seed"], max_objects=CORPUS["max_objects"], knobs=PRESETS[preset])
+        raise ConfigError(str(e)) from None
     have = read_manifest(data_dir)
     counts = {k: CORPUS[k] for k in ("train", "val", "test")}
     if have and have.get("counts") == counts and have.get("seed") == want.seed \
             and have.get("objects_per_image") == [want.min_objects, want.max_objects] \
-            and have.get("knobs") == asdict(want.knobs):
+            and have.get("knobs") == asdict(want.knobs) \
+            and have.get("knobs_on_eval_splits") == want.corrupt_eval \
+            and have.get("version") == CORPUS_VERSION:
         log(f"corpus: reusing {data_dir}")
         return have
     log(f"corpus: writing {sum(counts.values())} synthetic image-text pairs to {data_dir}"

@@ -3,7 +3,11 @@
 
     python data_tools/make_synthetic.py OUT_DIR [--train N] [--val N] [--test N] [--seed S]
         [--image-size PX] [--shard-size N] [--preset NAME] [--image-noise S] [--image-blur S]
-        [--corrupt-fraction F] [--caption-dropout P] [--caption-noise P] [--workers N]
+        [--corrupt-fraction F] [--image-lowres PX] [--image-occlude] [--image-heavy-blur S]
+        [--caption-dropout P] [--caption-replace P] [--caption-noise P] [--corrupt-eval] [--workers N]
+
+Presets: `vision-{mild,medium,strong}` and `text-{mild,medium,strong}` make one modality less
+informative in every split; `vision-shift-*` and `text-shift-*` corrupt the training split only.
 
 Writes
     OUT_DIR/train/00000.tar ...   shards: {key}.jpg|png, .txt, .json (attributes), .cls
@@ -23,7 +27,7 @@ import sys
 import time
 
 
-from albef_bal.data.synthetic import PRESETS, SyntheticConfig
+from albef_bal.data.synthetic import PRESETS, preset_config
 from albef_bal.data.synthetic_corpus import write_corpus
 
 
@@ -41,26 +45,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per training shard")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    g = p.add_argument_group("imbalance knobs (training split; --corrupt-eval for all splits)")
+    g = p.add_argument_group("imbalance knobs (training split, or every split for the information presets "
+                             "and with --corrupt-eval)")
     g.add_argument("--preset", choices=sorted(PRESETS), default="none",
                    help="graded settings of the knobs below; explicit knobs override it")
     g.add_argument("--image-noise", type=float, help="std of pixel noise, share of the 0-255 range")
     g.add_argument("--image-blur", type=float, help="Gaussian blur radius in output pixels")
-    g.add_argument("--corrupt-fraction", type=float, help="share of images that get noise/blur")
+    g.add_argument("--corrupt-fraction", type=float, help="share of images that get the image knobs")
+    g.add_argument("--image-lowres", type=int, help="reduce corrupted images to this side (one of the choices)")
+    g.add_argument("--image-occlude", action="store_true", default=None,
+                   help="cover one object of corrupted images (one of the choices)")
+    g.add_argument("--image-heavy-blur", type=float, help="blur radius of corrupted images (one of the choices)")
     g.add_argument("--caption-dropout", type=float, help="chance each size/colour/position is left out")
+    g.add_argument("--caption-replace", type=float, help="chance each size/colour word is replaced by a wrong one")
     g.add_argument("--caption-noise", type=float, help="chance each word is replaced by a random one")
     g.add_argument("--corrupt-eval", action="store_true", help="apply the knobs to val and test too")
     return p.parse_args(argv)
 
 
 def config_from_args(a: argparse.Namespace) -> SyntheticConfig:
-    knobs = dataclasses.replace(PRESETS[a.preset])
-    for name in ("image_noise", "image_blur", "corrupt_fraction", "caption_dropout", "caption_noise"):
-        if getattr(a, name) is not None:
-            setattr(knobs, name, getattr(a, name))
-    cfg = SyntheticConfig(seed=a.seed, image_size=a.image_size, min_objects=a.min_objects,
-                          max_objects=a.max_objects, image_format=a.format, knobs=knobs,
-                          corrupt_eval=a.corrupt_eval)
+    cfg = preset_config(a.preset, seed=a.seed, image_size=a.image_size, min_objects=a.min_objects,
+                        max_objects=a.max_objects, image_format=a.format)
+    for f in dataclasses.fields(cfg.knobs):
+        if getattr(a, f.name, None) is not None:
+            setattr(cfg.knobs, f.name, getattr(a, f.name))
+    cfg.corrupt_eval = cfg.corrupt_eval or a.corrupt_eval
     cfg.validate()
     return cfg
 

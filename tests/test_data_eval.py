@@ -113,7 +113,7 @@ def test_synthetic_split_json_and_shards_agree(data_corpus, data_tool, tmp_path)
     split = load_retrieval_split(data_corpus["test"])
     assert len(split) == 24 and split.num_texts >= 48  # two or three captions per image
     assert all(split.txt2img[t] == i for i, ts in enumerate(split.img2txt) for t in ts)
-    assert split.meta[0]["cls"] == split.meta[0]["attributes"]["probe"]["first_shape"]
+    assert split.meta[0]["cls"] == split.meta[0]["attributes"]["probe"]["anchor_shape"]
     out = str(tmp_path / "shards")
     assert data_tool("json_to_wds").main([data_corpus["test"], data_corpus["dir"], out, "--shard-size", "5",
                                           "--workers", "1"]) == 0

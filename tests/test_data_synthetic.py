@@ -12,7 +12,9 @@ from PIL import Image
 from albef_bal.data import build_tokenizer
 from albef_bal.data.shards import read_shard
 from albef_bal.data.skips import SkipCounter
-from albef_bal.data.synthetic import COLOURS, Knobs, SyntheticConfig, make_sample
+from albef_bal.data.synthetic import (ANCHOR_RELATIONS, CAPTION_WORD_TARGETS, COLOURS, COMPUTED_TARGETS, POSITIONS,
+                                     PROBE_CLASSES, PROBE_TARGETS, SHAPES, SIZES, Knobs, SyntheticConfig, make_sample,
+                                     preset_config)
 
 # an independent reading of the caption grammar
 _OBJ = r"a (?:(small|large) )?(?:(red|green|blue|yellow|purple|orange|white|black) )?(circle|square|triangle|diamond)"
@@ -70,7 +72,20 @@ def test_captions_match_attributes_and_images():
         # attributes and probe targets are consistent with the objects
         assert rec["num_objects"] == len(objs) == rec["probe"]["num_objects"] + 1
         assert rec["same_colour"] == (len({o["colour"] for o in objs}) < len(objs))
-        assert rec["cls"] == ["circle", "square", "triangle", "diamond"].index(objs[0]["shape"])
+        # cls and the anchor_* targets name the object first in reading order, which the image shows
+        order = ("left", "top", "center", "bottom", "right")
+        anchor = min(objs, key=lambda o: order.index(o["position"]))
+        assert objs[rec["anchor"]] is anchor
+        assert rec["cls"] == rec["probe"]["anchor_shape"] == SHAPES.index(anchor["shape"])
+        assert rec["probe"]["anchor_position"] == list(POSITIONS).index(anchor["position"])
+        if len(objs) == 2:  # left of / above the other object, as drawn
+            other = objs[1 - rec["anchor"]]
+            rel = ANCHOR_RELATIONS[rec["probe"]["anchor_relation"]]
+            assert rel in ("left of", "above") and _holds(rel, anchor, other)
+        else:
+            assert rec["probe"]["anchor_relation"] == 0
+        assert set(rec["probe"]) == set(PROBE_TARGETS)
+        assert all(0 <= v < PROBE_CLASSES[k] for k, v in rec["probe"].items())
         # the image shows each object's colour at its centre
         img = np.asarray(Image.open(io.BytesIO(s["image"])).convert("RGB")).astype(int)
         for o in objs:
@@ -121,7 +136,7 @@ def test_shards_vocab_and_labels(data_corpus):
             assert tok.unk_token_id not in tok.encode([cap], 40, True)[0][0].tolist()
 
 
-def test_imbalance_knobs_are_graded_and_train_only():
+def test_shift_knobs_are_graded_and_train_only():
     clean = SyntheticConfig(seed=2, image_size=32)
     text_lag = SyntheticConfig(seed=2, image_size=32, knobs=Knobs(caption_dropout=1.0))
     for i in range(20):
@@ -142,3 +157,59 @@ def test_imbalance_knobs_are_graded_and_train_only():
     half = SyntheticConfig(seed=2, image_size=32, knobs=Knobs(image_blur=1.0, corrupt_fraction=0.5))
     share = np.mean([make_sample(half, "train", i)["record"]["corrupted"] for i in range(200)])
     assert 0.35 < share < 0.65
+
+
+def test_probe_target_families_are_disjoint_and_caption_words_are_words():
+    assert set(COMPUTED_TARGETS).isdisjoint(CAPTION_WORD_TARGETS)
+    cfg = SyntheticConfig(seed=3, image_size=32, max_objects=1)
+    names = {"anchor_shape": SHAPES, "anchor_colour": list(COLOURS), "anchor_size": list(SIZES)}
+    for i in range(30):  # in a one-object caption every caption-word target is a word of it
+        s = make_sample(cfg, "test", i)
+        words = set(s["captions"][0].split())
+        for target, values in names.items():
+            assert values[s["record"]["probe"][target]] in words
+
+
+def _pixels(cfg, split, i):
+    return np.asarray(Image.open(io.BytesIO(make_sample(cfg, split, i)["image"]))).astype(float)
+
+
+def test_information_presets_degrade_every_split_and_keep_the_scenes():
+    clean = preset_config("none", seed=2, image_size=64, max_objects=2)
+    for grade, share in (("mild", 0.25), ("medium", 0.5), ("strong", 0.75)):
+        cfg = preset_config(f"vision-{grade}", seed=2, image_size=64, max_objects=2)
+        assert cfg.corrupt_eval
+        for split in ("train", "test"):
+            recs = [make_sample(cfg, split, i)["record"] for i in range(200)]
+            got = np.mean([r["corrupted"] for r in recs])
+            assert abs(got - share) < 0.1, (grade, split, got)
+            assert {r["degradation"] for r in recs if r["corrupted"]} == {"lowres", "occlude", "heavy_blur"}
+    vision = preset_config("vision-strong", seed=2, image_size=64, max_objects=2)
+    for i in range(40):
+        a, b = make_sample(vision, "test", i), make_sample(clean, "test", i)
+        # the same scene and captions; only the image of a corrupted sample differs
+        assert a["captions"] == b["captions"] and a["record"]["objects"] == b["record"]["objects"]
+        differs = not np.array_equal(_pixels(vision, "test", i), _pixels(clean, "test", i))
+        assert differs == a["record"]["corrupted"]
+        if a["record"]["degradation"] == "occlude":  # the covered object's colour is gone from its centre
+            o = a["record"]["objects"][0] if len(a["record"]["objects"]) == 1 else None
+            if o is not None:
+                px = _pixels(vision, "test", i)[int(o["y"] * 64), int(o["x"] * 64)]
+                assert np.abs(px - np.array(COLOURS[o["colour"]])).max() > 30
+    text = preset_config("text-strong", seed=2, image_size=64, max_objects=2)
+    changed = 0
+    for i in range(40):
+        a, b = make_sample(text, "test", i), make_sample(clean, "test", i)
+        assert a["image"] == b["image"] and a["record"]["clean_captions"] == b["captions"]
+        changed += a["captions"] != b["captions"]
+    assert changed >= 30  # most test captions lose or change attributes
+
+
+def test_caption_replace_swaps_attribute_words_for_wrong_ones():
+    cfg = SyntheticConfig(seed=5, image_size=32, max_objects=1, knobs=Knobs(caption_replace=1.0))
+    for i in range(30):
+        s = make_sample(cfg, "train", i)
+        o = s["record"]["objects"][0]
+        words = s["captions"][0].split()
+        assert o["shape"] in words and o["size"] not in words and o["colour"] not in words
+        assert len(set(words) & set(SIZES)) == 1 and len(set(words) & set(COLOURS)) == 1
