@@ -237,7 +237,7 @@ def run_gblend_estimate(args) -> int:
     import os
     import shutil
     from .engine.pretrain import pretrain
-    from .balance.gblend_hooks import WEIGHTS_FILE
+    from .balance.gblend import WEIGHTS_FILE
     args.overrides = list(args.overrides) + ["balance.method=gblend", "balance.gblend.mode=online",
                                              "balance.gblend.weights_file=null"]
     cfg = load_run_config(args)

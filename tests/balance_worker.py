@@ -24,8 +24,8 @@ from tiny import tiny_batch, tiny_config  # noqa: E402
 from albef_bal import distributed as D  # noqa: E402
 from albef_bal.balance import build_balancer  # noqa: E402
 from albef_bal.balance.common import PairSet  # noqa: E402
-from albef_bal.balance.gblend_hooks import GBlendHooks  # noqa: E402
-from albef_bal.balance.relearn_hooks import RelearnHooks  # noqa: E402
+from albef_bal.balance.gblend import GBlendHooks  # noqa: E402
+from albef_bal.balance.relearn import RelearnHooks  # noqa: E402
 from albef_bal.engine.grads import GradView  # noqa: E402
 from albef_bal.engine.trainer import Trainer  # noqa: E402
 from albef_bal.models import ALBEF  # noqa: E402

@@ -195,7 +195,7 @@ def test_gradient_editing_methods_refuse_fp16():
 
 
 def test_gblend_weights_file_and_equal_weights_give_albefs_loss(tmp_path):
-    from albef_bal.balance.gblend_hooks import GBlendHooks, read_weights_file
+    from albef_bal.balance.gblend import GBlendHooks, read_weights_file
     from albef_bal.models import ALBEF
     from tiny import tiny_batch
     p = tmp_path / "w.json"

@@ -13,19 +13,19 @@ def build_balancer(cfg: Config) -> TrainHooks:
     if method == "none":
         return TrainHooks()
     if method == "ogm_ge":
-        from .ogm_ge_hooks import OGMGEHooks
+        from .ogm import OGMGEHooks
         return OGMGEHooks()
     if method == "gblend":
         g = cfg.balance.gblend
         if g.mode == "offline" and g.weights is None and g.weights_file is None:
             raise ConfigError("balance.gblend.mode=offline needs balance.gblend.weights or "
                               "balance.gblend.weights_file (estimate one with `albef-bal gblend-estimate`)")
-        from .gblend_hooks import GBlendHooks
+        from .gblend import GBlendHooks
         return GBlendHooks()
     if method == "mmpareto":
-        from .mmpareto_hooks import MMParetoHooks
+        from .mmpareto import MMParetoHooks
         return MMParetoHooks()
     if method == "relearn":
-        from .relearn_hooks import RelearnHooks
+        from .relearn import RelearnHooks
         return RelearnHooks()
     raise ConfigError(f"balance.method={method!r}: expected one of none, ogm_ge, gblend, mmpareto, relearn")
