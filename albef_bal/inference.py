@@ -23,9 +23,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-ImageItem = Union[str, os.PathLike, "Image.Image", torch.Tensor]  # noqa: F821 (PIL imported lazily)
-
-
 class ImageReadError(ValueError):
     """An image path that cannot be read or decoded; the message names the file."""
 

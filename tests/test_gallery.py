@@ -127,6 +127,27 @@ def test_a_changed_checkpoint_cannot_finish_an_unfinished_index(colour_trained, 
     assert "unfinished index made from another checkpoint" in err and "fingerprint" in err and "--overwrite" in err
 
 
+def test_embed_a_split_json_into_an_hnsw_index(colour_trained, colour_images, tmp_path, capsys):
+    """An annotation JSON (ids from image_id, one image missing on disk) into an approximate index."""
+    root = os.path.dirname(colour_images[0][0])
+    entries = [{"image": os.path.basename(p), "caption": [c, c.replace("square", "patch")], "image_id": 100 + i}
+               for i, (p, c) in enumerate(colour_images)]
+    entries.append({"image": "gone.png", "caption": "a grey square", "image_id": 999})
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(entries))
+    out = str(tmp_path / "index")
+    assert main(["embed", "--checkpoint", colour_trained, "--images", str(split), "--image-root", root,
+                 "--out", out, "--captions", "--index-type", "hnsw", "--hnsw-m", "8"]) == 0
+    index = G.GalleryIndex.open(out)
+    assert index.manifest["faiss"] == {"type": "hnsw", "hnsw_m": 8}
+    assert index.manifest["count"] == 8 and index.manifest["texts"] == 16
+    skipped = [json.loads(x) for x in open(os.path.join(out, "skipped.jsonl"))]
+    assert [(s["id"], s["reason"]) for s in skipped] == [(999, "missing_image")]
+    for i, colour in enumerate(("red", "green", "blue")):
+        hits = search_json(capsys, "--index", out, "--text", f"a {colour} square", "--rerank", "4")
+        assert hits[0]["id"] == 100 + i and hits[0]["path"] == os.path.join(root, f"{colour}.png")
+
+
 def _shard_with_bad_samples(path):
     with tarfile.open(path, "w") as tar:
         for name, data in (("bad.jpg", b"\xff\xd8 garbage"), ("bad.txt", b"a red square"),

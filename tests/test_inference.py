@@ -1,5 +1,4 @@
 """load_for_inference: one call from a checkpoint to features, match probabilities and rankings."""
-import os
 import shutil
 
 import numpy as np
