@@ -13,7 +13,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["albef_bal", "albef_bal.*"]),
+    # The config presets ship inside the package as albef_bal/configs (read through
+    # importlib.resources), built from the one top-level configs/ that users read and edit.
+    packages=find_packages(include=["albef_bal", "albef_bal.*"]) + ["albef_bal.configs"],
+    package_dir={"albef_bal.configs": "configs"},
+    package_data={"albef_bal.configs": ["*.yaml", "*.json", "**/*.yaml", "**/*.json"]},
     include_package_data=True,
     install_requires=[
         # Ranges that the pinned versions in constraints.txt satisfy, so that an installed

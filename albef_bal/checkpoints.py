@@ -349,7 +349,46 @@ def export_model(model: nn.Module, cfg: Config, out_dir: str) -> str:
     tmp_cfg = os.path.join(out_dir, CONFIG_FILE + ".tmp")
     save_config(cfg, tmp_cfg)
     os.replace(tmp_cfg, os.path.join(out_dir, CONFIG_FILE))
+    bundle_tokenizer(cfg.data.tokenizer, out_dir)
     return path
+
+
+TOKENIZER_DIR = "tokenizer"
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def bundle_tokenizer(spec: str, out_dir: str) -> Optional[str]:
+    """Copy a local tokenizer (a vocab.txt or tokenizer.json file, or a tokenizer directory)
+    into ``out_dir/tokenizer/``, so that the export works wherever it is moved: the config's
+    ``data.tokenizer`` is often a path relative to the training run's working directory.
+    A Hub name is left alone (it resolves through the Hugging Face cache). Returns the copy."""
+    import shutil
+    if not spec:
+        return None
+    if os.path.isfile(spec):
+        folder = os.path.dirname(os.path.abspath(spec))
+        main = "tokenizer.json" if spec.endswith(".json") else "vocab.txt"
+        files = {main: os.path.abspath(spec)}
+        side = os.path.join(folder, "tokenizer_config.json")  # its lower-casing flag
+        if main == "vocab.txt" and os.path.isfile(side):
+            files["tokenizer_config.json"] = side
+    elif os.path.isdir(spec):
+        files = {n: os.path.join(spec, n) for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(spec, n))}
+    else:
+        return None
+    if not files:
+        return None
+    dest = os.path.join(out_dir, TOKENIZER_DIR)
+    if os.path.abspath(dest) == os.path.abspath(os.path.dirname(next(iter(files.values())))):
+        return dest  # the config already points at this export's copy
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, src in files.items():
+        shutil.copyfile(src, os.path.join(tmp, name))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
 
 
 def load_pretrained(path: str, config: Optional[str] = None, overrides: Sequence[str] = (),

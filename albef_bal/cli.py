@@ -175,6 +175,120 @@ def run_evaluate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- embed, search
+def add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="embed a gallery of images (folder, split JSON or shards) into a searchable index",
+        description="Encode every image of a folder, an annotation JSON (ALBEF format) or WebDataset shards with "
+                    "a checkpoint's ITC image encoder (and, with --captions, every caption) and write OUT: "
+                    "features.npy, items.jsonl (ids and paths), a faiss index and index.json. Unreadable images "
+                    "are skipped and listed in skipped.jsonl. An interrupted run resumes where it stopped; under "
+                    "torchrun / deepspeed / srun every rank embeds its share.")
+    p.add_argument("--checkpoint", required=True, help="export directory (model.safetensors + config.yaml) or .pth")
+    p.add_argument("--images", required=True, metavar="DIR|SHARDS|SPLIT.json",
+                   help="a folder of images (searched recursively), shards (path, brace pattern or folder of .tar) "
+                        "or a retrieval split JSON")
+    p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to write")
+    p.add_argument("--image-root", help="directory the JSON's image paths are relative to (default: its directory)")
+    p.add_argument("--captions", action="store_true",
+                   help="also embed the captions (JSON and shards: theirs; a folder: NAME.txt beside NAME.jpg)")
+    p.add_argument("--index-type", choices=["flat", "hnsw"], default="flat",
+                   help="faiss index: exact inner product (flat, default) or approximate HNSW for large galleries")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (default 32)")
+    p.add_argument("--batch-size", type=int, help="images per encoder call (default eval.batch_size)")
+    p.add_argument("--workers", type=int, help="image decoding processes (default eval.num_workers)")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="images per resumable chunk of a folder or JSON (shards: one chunk per shard)")
+    p.add_argument("--overwrite", action="store_true", help="replace an index (finished or not) in OUT")
+    p.add_argument("--tokenizer", help="tokenizer for the captions, when the checkpoint's cannot be found")
+    add_config_args(p)
+    p.set_defaults(func=run_embed)
+
+
+def run_embed(args) -> int:
+    from .distributed import get_rank
+    from .gallery import embed_gallery
+    if len(args.config) > 1:
+        raise SystemExit("albef-bal embed: error: give at most one --config")
+    m = embed_gallery(args.checkpoint, args.images, args.out, image_root=args.image_root, captions=args.captions,
+                      index_type=args.index_type, hnsw_m=args.hnsw_m, batch_size=args.batch_size,
+                      workers=args.workers, chunk_size=args.chunk_size, overwrite=args.overwrite,
+                      config=args.config[0] if args.config else None, overrides=args.overrides,
+                      tokenizer=args.tokenizer)
+    if get_rank() == 0:
+        print(f"{args.out}: {m['count']} image(s)" + (f", {m['texts']} caption(s)" if m["captions"] else "")
+              + f", {m['identity']['embed_dim']}-d features, faiss {m['faiss']['type']} index"
+              + (f"; {m['skipped']} unreadable item(s) skipped, listed in {args.out}/skipped.jsonl"
+                 if m["skipped"] else "; no unreadable image"))
+    return 0
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser(
+        "search", help="search an index written by embed, by text or by image",
+        description="Rank the gallery of INDEX_DIR for a text (or an image) query by ITC similarity, optionally "
+                    "re-ranking the top K by the ITM head as evaluate does. Prints a table, or with --json one "
+                    "JSON object per hit: rank, id, score, itc (similarity), itm (match probability, when "
+                    "re-ranked), path (or shard and key), query.")
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="directory written by albef-bal embed")
+    p.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image query (repeatable)")
+    p.add_argument("--checkpoint", help="the model (default: the checkpoint recorded in the index)")
+    p.add_argument("--top", "-k", type=int, help="hits per query (default 10, at most --rerank)")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-rank the ITC top K by ITM (text query vs images, or image query vs --captions)")
+    p.add_argument("--captions", action="store_true",
+                   help="search the index's captions instead of its images (an index built with --captions)")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit instead of a table")
+    p.add_argument("--tokenizer", help="tokenizer, when the checkpoint's cannot be found")
+    add_config_args(p)
+    p.set_defaults(func=run_search)
+
+
+def run_search(args) -> int:
+    import json
+    import os
+    from .gallery import GalleryIndex
+    from .inference import load_for_inference
+    def usage(msg: str) -> int:
+        print(f"albef-bal search: error: {msg}", file=sys.stderr)
+        return 2
+    if not args.text and not args.image:
+        return usage("give a query: --text TEXT or --image PATH")
+    top = args.top if args.top is not None else (min(10, args.rerank) if args.rerank else 10)
+    if top < 1 or args.rerank < 0:
+        return usage("--top must be >= 1 and --rerank >= 0")
+    if args.rerank and top > args.rerank:
+        return usage(f"--top {top} is more than the {args.rerank} re-ranked candidates (--rerank)")
+    if args.rerank and (args.image if not args.captions else args.text):
+        return usage("ITM re-ranking scores image-text pairs: use --rerank with --text against the images, or "
+                     "with --image against the captions (--captions)")
+    index = GalleryIndex.open(args.index)
+    checkpoint = args.checkpoint or index.identity.get("checkpoint")
+    if not args.checkpoint and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"the index's checkpoint {checkpoint} is not there any more: pass --checkpoint")
+    model = load_for_inference(checkpoint, config=args.config[0] if args.config else None,
+                               overrides=args.overrides, tokenizer=args.tokenizer)
+    index.check_model(model)  # before any query is encoded
+    target = "captions" if args.captions else "images"
+    queries = [("text", t) for t in args.text] + [("image", i) for i in args.image]
+    for kind, q in queries:
+        hits = index.search(model, k=top, rerank=args.rerank, target=target, **{kind: q})
+        if args.json:
+            for h in hits:
+                print(json.dumps({**h, "query": q, "query_type": kind}, ensure_ascii=False))
+            continue
+        print(f"{kind} query: {q!r} ({target}, {'ITC top ' + str(args.rerank) + ' re-ranked by ITM' if args.rerank else 'ITC similarity'})")
+        print(f"{'rank':>4}  {'score':>8}  {'itc':>7}  {'itm':>6}  id / where")
+        for h in hits:
+            where = h.get("path") or f"{h['shard']}:{h['key']}"
+            extra = f"  \"{h['caption']}\"" if "caption" in h else ""
+            itm = f"{h['itm']:6.3f}" if "itm" in h else f"{'':>6}"
+            print(f"{h['rank']:>4}  {h['score']:8.4f}  {h['itc']:7.4f}  {itm}  {h['id']}  ({where}){extra}")
+        print()
+    return 0
+
+
 # --------------------------------------------------------------------- finetune
 def add_finetune(sub) -> None:
     p = sub.add_parser(
@@ -261,8 +375,8 @@ def run_gblend_estimate(args) -> int:
     return 0 if result["outcome"] == "finished" else 1
 
 
-SUBCOMMANDS = [add_convert, add_pretrain, add_evaluate, add_finetune, add_demo, add_study, add_plot_balance,
-               add_gblend_estimate]
+SUBCOMMANDS = [add_convert, add_pretrain, add_evaluate, add_finetune, add_embed, add_search, add_demo, add_study,
+               add_plot_balance, add_gblend_estimate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,7 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"albef-bal {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if type(e).__name__ in ("TokenizerError", "SplitError", "DataPipelineError", "NonFiniteLossError"):
+        if type(e).__name__ in ("TokenizerError", "SplitError", "DataPipelineError", "NonFiniteLossError",
+                                "GalleryIndexError", "IndexMismatchError", "ImageReadError", "ShardSpecError"):
             print(f"albef-bal {args.command}: error: {e}", file=sys.stderr)
             return 2 if type(e).__name__ != "NonFiniteLossError" else 3
         raise

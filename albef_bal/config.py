@@ -518,11 +518,63 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# ------------------------------------------------------------------ shipped configs
+def shipped_configs_dir() -> str:
+    """The directory of the config presets that ship with the package.
+
+    An installed wheel holds them as ``albef_bal/configs/`` (read through
+    ``importlib.resources``); a source checkout or an editable install reads the top-level
+    ``configs/`` beside the package, the one copy that users read and edit."""
+    import importlib.resources
+    packaged = importlib.resources.files("albef_bal") / "configs"
+    if packaged.is_dir():
+        return os.fspath(packaged)  # a plain directory for any installed (non-zipped) package
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped presets, e.g. ``demo/tiny`` or ``deepspeed/zero2.json``."""
+    root = shipped_configs_dir()
+    names = []
+    for folder, _, files in os.walk(root):
+        for f in files:
+            rel = os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/")
+            if f.endswith(".yaml"):
+                names.append(rel[:-len(".yaml")])
+            elif f.endswith(".json"):
+                names.append(rel)
+    return sorted(names)
+
+
+def resolve_config_path(spec: str, what: str = "config file") -> str:
+    """A config file from a path or a shipped preset name.
+
+    An existing path wins. Otherwise ``spec`` names a shipped preset: ``demo/tiny``,
+    ``demo/tiny.yaml`` or ``configs/demo/tiny.yaml`` (so that the paths the presets and the
+    docs use also work from an installed package, in any working directory)."""
+    spec = os.fspath(spec)
+    if os.path.isfile(spec):
+        return spec
+    name = spec.replace(os.sep, "/")
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    if not os.path.isabs(spec) and ".." not in name.split("/"):
+        root = shipped_configs_dir()
+        for candidate in (name, name + ".yaml"):
+            path = os.path.join(root, *candidate.split("/"))
+            if os.path.isfile(path):
+                return path
+    names = shipped_config_names()
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else \
+        f"; the shipped ones are {', '.join(names)}" if names else ""
+    raise ConfigError(f"{what} not found: {spec} is neither a file nor a shipped config name{hint}")
+
+
 # ------------------------------------------------------------------------ loading
 def read_yaml(path: str) -> dict:
-    """Read a YAML config file, resolving ``_base_`` inheritance (relative paths)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    """Read a YAML config file (a path or a shipped preset name such as ``demo/tiny``),
+    resolving ``_base_`` inheritance (paths relative to the file)."""
+    path = resolve_config_path(path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 
 from .config import load_config, save_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo", "tiny.yaml")
+# a shipped preset (configs/demo/tiny.yaml), found in an installed package as in a checkout
+DEFAULT_CONFIG = "demo/tiny"
 # the corpus the demo trains on; 1-2 objects per image keeps it learnable in minutes
 CORPUS = dict(train=20000, val=500, test=1000, max_objects=2, seed=0)
 

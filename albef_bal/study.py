@@ -21,9 +21,10 @@ import statistics
 import time
 from typing import Optional, Sequence
 
-from .demo import REPO, corpus_overrides, ensure_corpus, launch_pretrain
+from .config import ConfigError, resolve_config_path
+from .demo import corpus_overrides, ensure_corpus, launch_pretrain
 
-STUDY_CONFIG = os.path.join(REPO, "configs", "study", "tiny.yaml")
+STUDY_CONFIG = "study/tiny"  # a shipped preset (configs/study/tiny.yaml)
 METHODS = ("none", "ogm_ge", "gblend", "mmpareto", "relearn")
 RETRIEVAL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
@@ -42,10 +43,11 @@ def method_config(method: str) -> Optional[str]:
     """The preset of a balancing method (``configs/balance/<method>.yaml``); none for the baseline."""
     if method == "none":
         return None
-    path = os.path.join(REPO, "configs", "balance", f"{method}.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no preset for balance method {method!r}: {path} is missing")
-    return path
+    try:
+        return resolve_config_path(f"balance/{method}")
+    except ConfigError:
+        raise FileNotFoundError(f"no preset for balance method {method!r}: configs/balance/{method}.yaml "
+                                "is not among the shipped configs") from None
 
 
 def measure_run(run_dir: str, val_split: str, test_split: str, tokenizer_path: str, k_test: int) -> dict:

@@ -93,3 +93,18 @@ def data_config(data_corpus):
         sync_text_config(cfg, build_tokenizer(data_corpus["vocab"]))
         return cfg.validate()
     return make
+
+
+@pytest.fixture(scope="session")
+def colour_images(tmp_path_factory) -> list:
+    """Eight noisy solid-colour images (32 px png) with their captions: [(path, "a red square"), ...]."""
+    from tiny import colour_gallery
+    return colour_gallery(str(tmp_path_factory.mktemp("colour_images")))
+
+
+@pytest.fixture(scope="session")
+def colour_trained(data_corpus, colour_images, tmp_path_factory) -> str:
+    """A tiny model trained until ITC and ITM match each colour image with its caption (a few
+    seconds), exported with the corpus vocabulary: the planted matches of the search tests."""
+    from tiny import overfit_tiny
+    return overfit_tiny(str(tmp_path_factory.mktemp("colour_trained")), data_corpus["vocab"], colour_images)

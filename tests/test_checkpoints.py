@@ -9,7 +9,7 @@ from albef_bal.checkpoints import (CheckpointError, export_model, load_hf_bert, 
                                    load_vision_weights, read_state_dict, text_config_from_hf)
 from albef_bal.config import load_config
 from albef_bal.models import ALBEF, TextEncoder
-from tiny import TINY, tiny_batch, tiny_config
+from tiny import TINY, tiny_batch, tiny_config, to_official
 
 
 # what a checkpoint's tensor shapes cannot tell: head counts and special-token ids
@@ -19,27 +19,6 @@ NOT_IN_SHAPES = [o for o in TINY if o.split("=")[0].endswith(("heads", "_token_i
 def build(*overrides):
     torch.manual_seed(0)
     return ALBEF(tiny_config(*overrides).model)
-
-
-def to_official(model: ALBEF, retrieval: bool = False) -> dict:
-    """This project's state dict in the official ALBEF key layout (as ALBEF.pth / mscoco.pth)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if not retrieval:
-            k = k.replace("text_encoder.", "text_encoder.bert.", 1).replace("text_encoder_m.", "text_encoder_m.bert.", 1)
-            for suffix in ("", "_m"):
-                k = k.replace(f"mlm_head{suffix}.", f"text_encoder{suffix}.cls.predictions.", 1)
-        out[k] = v.clone()
-    out["temp"] = out["temp"].reshape(())  # ALBEF's temperature is 0-dim
-    prefixes = ["text_encoder", "text_encoder_m"] if retrieval else ["text_encoder.bert", "text_encoder_m.bert"]
-    for p in prefixes:
-        out[f"{p}.embeddings.position_ids"] = torch.arange(model.cfg.text.max_position)[None]
-    if not retrieval:
-        for s in ("", "_m"):
-            emb = out[f"text_encoder{s}.bert.embeddings.word_embeddings.weight"]
-            out[f"text_encoder{s}.cls.predictions.decoder.weight"] = emb.clone()
-            out[f"text_encoder{s}.cls.predictions.decoder.bias"] = out[f"text_encoder{s}.cls.predictions.bias"].clone()
-    return out
 
 
 def fused_outputs(model, seed=0):

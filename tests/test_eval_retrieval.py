@@ -121,21 +121,10 @@ def test_model_object_and_config_errors(tiny_export, split):
 def test_two_ranks_equal_one_rank(tiny_export, data_corpus, tmp_path):
     """`albef-bal evaluate` under torchrun with 2 gloo ranks, on a shard split (each rank reads
     different shards, so image ownership is not contiguous), equals one in-process rank."""
-    import socket
-    import subprocess
-    import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    from workers import torchrun_module
     out = tmp_path / "two"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "albef_bal", "evaluate", "--checkpoint", tiny_export, "--split",
-                          data_corpus["shards"], "--k", "5", "--out", str(out), "--set", "eval.num_workers=0"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = torchrun_module(["evaluate", "--checkpoint", tiny_export, "--split", data_corpus["shards"], "--k", "5",
+                           "--out", str(out), "--set", "eval.num_workers=0"])
     assert res.returncode == 0, res.stderr[-4000:]
     assert "| text retrieval" in res.stdout
     two = json.loads((out / "metrics.json").read_text())

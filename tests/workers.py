@@ -33,3 +33,19 @@ def worker_main(scenarios: dict) -> None:
     scenarios[scenario](out, kv)
     from albef_bal.distributed import shutdown
     shutdown()
+
+
+def torchrun_module(args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m albef_bal ARGS`` as ``nproc`` CPU ranks under torchrun, from this checkout,
+    on a free port; returns the finished process (the caller checks it)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(port), "-m", "albef_bal", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)

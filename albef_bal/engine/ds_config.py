@@ -17,8 +17,10 @@ _AUTOCAST_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def read_ds_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    """The DeepSpeed JSON at ``path``, or a shipped one (``configs/deepspeed/zero2.json``,
+    ``deepspeed/zero2.json``) when no such file exists here."""
+    from ..config import resolve_config_path
+    path = resolve_config_path(path, "train.deepspeed_config: file")
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)

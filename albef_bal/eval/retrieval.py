@@ -174,11 +174,12 @@ def encode_images(model, split, batch_size: int, device: torch.device, amp: Opti
 @torch.no_grad()
 def itm_scores(model, pairs: torch.Tensor, num_texts: int, my_images: torch.Tensor, image_tokens: torch.Tensor,
                text_tokens: torch.Tensor, text_mask: torch.Tensor, device: torch.device,
-               amp: Optional[torch.dtype], rerank_batch: int, image_chunk: int) -> torch.Tensor:
+               amp: Optional[torch.dtype], rerank_batch: int, image_chunk: int,
+               both_logits: bool = False) -> torch.Tensor:
     """ITM match logits of ``pairs`` (codes ``image * T + text``, sorted, every image among
     ``my_images``), fusing ``rerank_batch`` pairs per call with ``image_chunk`` images' tokens
-    on the device at a time."""
-    out = torch.empty(len(pairs), dtype=torch.float32)
+    on the device at a time. ``both_logits``: [P, 2] (no match, match) instead of [P]."""
+    out = torch.empty((len(pairs), 2) if both_logits else len(pairs), dtype=torch.float32)
     if len(pairs) == 0:
         return out
     img = pairs // num_texts
@@ -198,7 +199,8 @@ def itm_scores(model, pairs: torch.Tensor, num_texts: int, my_images: torch.Tens
             length = int(m.sum(1).max())  # trim the padding this batch does not need
             with _autocast(device, amp):
                 fused = model.fuse(text_tokens[t, :length], m[:, :length], chunk_tokens[(local[a:b] - c).to(device)])
-                out[a:b] = model.itm_logits(fused)[:, 1].float().cpu()
+                logits = model.itm_logits(fused)
+                out[a:b] = (logits if both_logits else logits[:, 1]).float().cpu()
         done = stop
     if done != len(pairs):
         raise RuntimeError("internal error: re-ranking pairs name images this rank does not hold")
