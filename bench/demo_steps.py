@@ -72,6 +72,10 @@ def run_once(args, code_dir: str | None, out_dir: str) -> dict:
         os.makedirs(out_dir, exist_ok=True)
         overrides = [*corpus_overrides(args.data_dir), f"train.output_dir={out_dir}",
                      f"train.max_steps={args.steps}", *args.set]
+        # run from the output directory: `python -m albef_bal` would otherwise import the
+        # checkout in the current directory ahead of PYTHONPATH
+        cwd = os.getcwd()
+        os.chdir(out_dir)
         quiet = open(os.path.join(out_dir, "launch.log"), "w")  # noqa: SIM115
         t0 = time.time()
         # launch_pretrain's child inherits this process's stdout/stderr: send them to a file
@@ -84,15 +88,16 @@ def run_once(args, code_dir: str | None, out_dir: str) -> dict:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             quiet.close()
+            os.chdir(cwd)
         wall = time.time() - t0
     finally:
         os.environ.clear()
         os.environ.update(env_backup)
     windows = read_windows(os.path.join(out_dir, "metrics.jsonl"))
-    steady = [w["step_time_s"] for w in windows[1:]] or [w["step_time_s"] for w in windows]
+    steady = [w["step_time_s"] for w in windows[args.steady_from:]] or [w["step_time_s"] for w in windows]
     med = statistics.median(steady)
     return {"wall_s": round(wall, 2), "steady_step_s": round(med, 4), "steady_steps_per_s": round(1 / med, 3),
-            "windows": len(windows)}
+            "windows": len(windows), "losses": [w.get("loss") for w in windows]}
 
 
 def main() -> int:
@@ -103,6 +108,7 @@ def main() -> int:
     p.add_argument("--base", default=None, help="git revision to compare against, alternated")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo", "tiny.yaml"))
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "synthetic"))
+    p.add_argument("--steady-from", type=int, default=1, help="log windows left out at the start")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
 
@@ -118,7 +124,8 @@ def main() -> int:
         for name, code in order:
             r = run_once(args, code, os.path.join(root, f"{name}{i}"))
             results[name].append(r)
-            print(json.dumps({"variant": name, "run": i, **r}), file=sys.stderr, flush=True)
+            print(json.dumps({"variant": name, "run": i, **{k: v for k, v in r.items() if k != "losses"}}),
+                  file=sys.stderr, flush=True)
     summary = {"steps": args.steps, "repeat": args.repeat, "base": args.base, "set": args.set}
     for name, rs in results.items():
         summary[name] = {"steady_steps_per_s": statistics.median(r["steady_steps_per_s"] for r in rs),
@@ -130,6 +137,9 @@ def main() -> int:
         summary["speedup_wall"] = round(summary["base"]["wall_s"] / summary["this"]["wall_s"], 3)
         pairs = [t["steady_steps_per_s"] / b["steady_steps_per_s"] for b, t in zip(results["base"], results["this"])]
         summary["speedup_steady_pairs"] = [round(x, 3) for x in pairs]
+        # same seed, same data: the logged losses tell whether the numbers changed
+        summary["max_logged_loss_diff"] = max(abs(x - y) for b, t in zip(results["base"], results["this"])
+                                              for x, y in zip(b["losses"], t["losses"]))
     print(json.dumps(summary))
     return 0
 
