@@ -25,29 +25,16 @@ demo's own code when ``--data-dir`` has none. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.append(ROOT)
-
-
-def export_rev(rev: str) -> str:
-    """``albef_bal/`` at git revision ``rev`` in a temporary directory (for PYTHONPATH)."""
-    tmp = tempfile.mkdtemp(prefix="albef_demo_base_")
-    data = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "albef_bal"],
-                          check=True, capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(tmp, filter="data")
-    return tmp
 
 
 def read_windows(path: str) -> list[dict]:
@@ -116,7 +103,10 @@ def main() -> int:
     ensure_corpus(args.data_dir, lambda m: print(m, file=sys.stderr))
     variants = [("this", None)]
     if args.base:
-        variants.insert(0, ("base", export_rev(args.base)))
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ab_step import export_base
+        # the base runs in the child processes: exported under its own name, first on their PYTHONPATH
+        variants.insert(0, ("base", export_base(args.base, name="albef_bal", import_here=False)))
     results: dict[str, list[dict]] = {name: [] for name, _ in variants}
     root = tempfile.mkdtemp(prefix="albef_demo_steps_")
     for i in range(args.repeat):
