@@ -88,8 +88,8 @@ def test_model_forward_and_backward_read_nothing_back():
     assert reads.count == 0, reads.sites
 
 
-def test_a_steady_trainer_step_reads_back_only_its_policy_flags():
-    cfg = TS.make_config(TS.argparse.Namespace(zero=None, threads=0, set=[]), "tiny", 4, "fp32", "none", "/tmp/unused")
+def test_a_steady_trainer_step_reads_back_only_its_policy_flags(tmp_path):
+    cfg = TS.make_config(TS.argparse.Namespace(zero=None, threads=0, set=[]), "tiny", 4, "fp32", "none", str(tmp_path))
     tr = TS.build_trainer(cfg, TS.make_batch(cfg, 4, cfg.data.max_len), None, torch.device("cpu"))
     tr._window = {}
     batches = iter(tr.data.loader(0, 0))
