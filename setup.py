@@ -26,7 +26,9 @@ setup(
         "transformers>=4.40",
         "tokenizers",
         "safetensors>=0.4",
-        "deepspeed>=0.14",
+        # the ZeRO 1/2 gradient reads (engine/grads.py) and the autocast config are tested with
+        # 0.19.8; the gradient layout they rely on is also checked when first used
+        "deepspeed>=0.19.8",
         "webdataset>=0.2.86",
         "accelerate>=0.30",
         "faiss-cpu>=1.7",

@@ -76,7 +76,11 @@ def sample_hard_negatives(sim: torch.Tensor, exclude: torch.Tensor,
     w = torch.where(dead[:, None], allowed, w)
     # rows with nothing allowed: any index (masked out of the loss by `valid`)
     w = torch.where(valid[:, None], w, torch.ones_like(w))
-    return torch.multinomial(w, 1, generator=generator).squeeze(1), valid
+    # one draw per row as torch.multinomial(w, 1) draws it (argmax of w / q with q ~ Exp(1):
+    # the same op sequence, so the same indices from the same generator state), without
+    # multinomial's validity checks, which read the device back (the rows are valid here)
+    q = torch.empty_like(w).exponential_(1, generator=generator)
+    return (w / q).argmax(dim=1), valid
 
 
 @torch.no_grad()

@@ -31,14 +31,18 @@ sys.path.insert(0, HERE)
 import train_step as TS  # noqa: E402
 
 
-def export_base(rev: str) -> str:
+def export_base(rev: str, name: str = "albef_bal_base", import_here: bool = True) -> str:
+    """``albef_bal/`` at git revision ``rev`` as the package ``name`` in a temporary
+    directory (put first on this process's path unless ``import_here`` is false)."""
     tmp = tempfile.mkdtemp(prefix="albef_ab_")
     data = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "albef_bal"],
                           check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(tmp, filter="data")
-    os.rename(os.path.join(tmp, "albef_bal"), os.path.join(tmp, "albef_bal_base"))
-    sys.path.insert(0, tmp)
+    if name != "albef_bal":
+        os.rename(os.path.join(tmp, "albef_bal"), os.path.join(tmp, name))
+    if import_here:
+        sys.path.insert(0, tmp)
     return tmp
 
 

@@ -56,6 +56,18 @@ SIZES = {
         "model.embed_dim=128", "model.queue_size=4096", "data.max_len=30"]),
     # the paper's model: ViT-B/16 at 256 px, BERT-base with fusion from layer 6, queue 65,536
     "albef-base": dict(batch=64, overrides=["model.image_res=256", "model.queue_size=65536", "data.max_len=30"]),
+    # a model small enough for seconds-long CPU checks of every code path (gpu_check.py --smoke)
+    "tiny": dict(batch=8, config=os.path.join(ROOT, "configs", "demo", "tiny.yaml"), overrides=[
+        "model.image_res=32", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.depth=2",
+        "model.vision.heads=2", "model.text.width=32", "model.text.layers=2", "model.text.fusion_layer=1",
+        "model.text.heads=2", "model.text.intermediate=64", "model.embed_dim=16", "model.queue_size=64",
+        "model.text.pad_token_id=0", "model.text.cls_token_id=2", "model.text.sep_token_id=3",
+        "model.text.mask_token_id=4", "data.max_len=12"]),
+    # the demo's (and the imbalance study's) model and recipe, one rank's micro batch; special
+    # token ids of the corpus vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] first)
+    "demo": dict(batch=16, config=os.path.join(ROOT, "configs", "demo", "tiny.yaml"), overrides=[
+        "model.text.pad_token_id=0", "model.text.cls_token_id=2", "model.text.sep_token_id=3",
+        "model.text.mask_token_id=4", "data.max_len=30"]),
 }
 
 # dense peak FLOP/s per GPU by precision, for MFU (bf16/fp16 tensor cores; fp32 = TF32 tensor cores)
@@ -280,7 +292,7 @@ def make_config(args, size: str, batch: int, precision: str, balance: str, out_d
         overrides.append(f"train.zero_stage={args.zero}")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    return load_config(None, overrides + list(args.set))
+    return load_config(SIZES[size].get("config"), overrides + list(args.set))
 
 
 def main(argv=None) -> int:

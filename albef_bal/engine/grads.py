@@ -16,8 +16,27 @@ import torch.distributed as dist
 from .. import distributed as D
 
 
+class UnsupportedDeepSpeedError(RuntimeError):
+    pass
+
+
+def _check_released(p: torch.nn.Parameter) -> None:
+    """ZeRO 1/2 (every parameter the optimizer partitions has ``_hp_mapping``) must have moved
+    the reduced gradient into the partition buffers and cleared ``p.grad`` at the end of the
+    backward, as DeepSpeed 0.19.8 does. A ``p.grad`` still present there would be this rank's
+    unreduced gradient, and reading it as the whole gradient would be silently wrong."""
+    if p.grad is not None and hasattr(p, "_hp_mapping"):
+        import deepspeed
+        raise UnsupportedDeepSpeedError(
+            f"DeepSpeed {deepspeed.__version__} keeps p.grad of a ZeRO-partitioned parameter after the backward "
+            "(shape " + "x".join(map(str, p.shape)) + "); albef_bal reads ZeRO 1/2 gradients from the optimizer's "
+            "partitions and relies on p.grad being cleared, as in the tested DeepSpeed 0.19.8. Install "
+            "deepspeed==0.19.8 (constraints.txt) or use train.zero_stage=0")
+
+
 def local_grad(p: torch.nn.Parameter) -> tuple[Optional[torch.Tensor], bool]:
     """(this rank's part of p's gradient, flattened; whether it is the whole gradient)."""
+    _check_released(p)
     if p.grad is not None:
         return p.grad.reshape(-1), True
     mapping = getattr(p, "_hp_mapping", None)
@@ -85,6 +104,7 @@ class GradView:
 
     def __init__(self, param: torch.nn.Parameter):
         self.param = param
+        _check_released(param)
         if param.grad is not None:
             self.flat, self.start, self.full = param.grad.view(-1), 0, True
             return

@@ -329,13 +329,14 @@ class Trainer:
     @torch.no_grad()
     def _clamp_temperature(self) -> None:
         """ALBEF clamps the temperature parameter to [0.001, 0.5]; with ZeRO the optimizer's
-        fp32 master copy is clamped too, or the next step would undo it."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        fp32 master copy is clamped too, or the next step would undo it. A clamp is
+        elementwise, so each rank clamps the fragment of the master copy it holds (none, or
+        the whole one-element tensor): no collective, no read-back, every step."""
         temp = self.module.temp
         temp.clamp_(0.001, 0.5)
-        master = safe_get_full_fp32_param(temp)
-        if master is not None:
-            safe_set_full_fp32_param(temp, master.clamp(0.001, 0.5))
+        mapping = getattr(temp, "_hp_mapping", None)  # ZeRO 1/2: this rank's master fragment
+        if mapping is not None:
+            mapping.get_hp_fragment().clamp_(0.001, 0.5)
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> str:

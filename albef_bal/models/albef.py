@@ -164,23 +164,29 @@ class ALBEF(nn.Module):
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
                             idx: Optional[torch.Tensor] = None) -> None:
-        """Write the momentum features of every rank into the queues at the pointer."""
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        n = image_feats.shape[0]
+        """Write the momentum features of every rank into the queues at the pointer.
+
+        The pointer is used where it lives (on the device): the columns to write are an index
+        tensor, so the step never waits for the device to read it back."""
+        e = image_feat.shape[1]
+        # one gather for both modalities (one collective instead of two)
+        feats = concat_all_gather(torch.cat([image_feat, text_feat.to(image_feat.dtype)], dim=1))
+        image_feats, text_feats = feats[:, :e], feats[:, e:]
+        n = feats.shape[0]
         q = self.cfg.queue_size
         if q % n:
             raise ValueError(f"model.queue_size ({q}) must be a multiple of the global micro batch "
                              f"(micro batch x ranks = {n})")
-        ptr = int(self.queue_ptr)
+        # the pointer is a multiple of n and q a multiple of n: the n columns never wrap
+        cols = self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)
         # a non-finite feature (a batch whose loss will be skipped) must not poison the queue
         # for the next 65k steps: keep the old entries in its place
         ok = (torch.isfinite(image_feats).all(1) & torch.isfinite(text_feats).all(1))[None, :]
-        self.image_queue[:, ptr:ptr + n] = torch.where(ok, image_feats.T, self.image_queue[:, ptr:ptr + n])
-        self.text_queue[:, ptr:ptr + n] = torch.where(ok, text_feats.T, self.text_queue[:, ptr:ptr + n])
+        for queue, new in ((self.image_queue, image_feats), (self.text_queue, text_feats)):
+            queue.index_copy_(1, cols, torch.where(ok, new.T, queue.index_select(1, cols)).to(queue.dtype))
         if self.retrieval:
-            self.idx_queue[:, ptr:ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
-        self.queue_ptr[0] = (ptr + n) % q
+            self.idx_queue.index_copy_(1, cols, concat_all_gather(idx.view(-1)).view(1, -1).to(self.idx_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for enc in (self.visual_encoder, self.text_encoder):
@@ -327,29 +333,34 @@ class ALBEF(nn.Module):
         itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=image.device),
                                 torch.zeros(2 * B, dtype=torch.long, device=image.device)])
         has_neg = torch.cat([valid_t, valid_i])
-        if has_neg.any():
-            weights = torch.cat([torch.ones(B, device=image.device), has_neg.float()])
-            per_pair = F.cross_entropy(itm_logits.float(), itm_labels, reduction="none")
-            loss_itm = (per_pair * weights).sum() / weights.sum()
-        else:  # a batch of one (or of one image id): no negative pair exists
-            loss_itm = itm_logits.sum() * 0.0
+        weights = torch.cat([torch.ones(B, device=image.device), has_neg.float()])
+        per_pair = F.cross_entropy(itm_logits.float(), itm_labels, reduction="none")
+        # a batch of one (or of one image id) has no negative pair: then the loss is zero with
+        # a zero gradient. Decided by a multiplication on the device, not by a host branch
+        # (x * 1 is x exactly, so batches with negatives are unchanged)
+        loss_itm = (per_pair * weights).sum() / weights.sum() * has_neg.any()
         metrics = {"itm_acc": (itm_logits.detach().argmax(1) == itm_labels).float().mean(),
                    "temp": temp.detach().squeeze()}
 
         # ---- MLM on the masked positions, distilled from the momentum model
         loss_mlm = None
         if self.mlm_head is not None:
-            sel = labels != -100
-            if sel.any():
-                logits = self.mlm_head(fused[3 * B:][sel])
+            # flat positions of the masked tokens: the step's one unavoidable device-to-host
+            # read (their number sizes the MLM head's input); gathered by index from here on
+            where = (labels.view(-1) != -100).nonzero().squeeze(1)
+            if where.numel():
+                width = fused.shape[-1]
+                logits = self.mlm_head(fused[3 * B:].reshape(-1, width).index_select(0, where))
+                targets = labels.view(-1).index_select(0, where)
                 soft = None
                 if distill:
                     with torch.no_grad():
                         fused_m = self.text_encoder_m.forward_fusion(text_tokens_m_both[B:], attention_mask,
                                                                      image_tokens_m)
-                        soft = F.softmax(self.mlm_head_m(fused_m[sel]).float(), dim=-1)
-                loss_mlm = mlm_loss(logits, labels[sel], soft, alpha)
-                metrics["mlm_acc"] = (logits.detach().argmax(1) == labels[sel]).float().mean()
+                        hidden_m = fused_m.reshape(-1, fused_m.shape[-1]).index_select(0, where)
+                        soft = F.softmax(self.mlm_head_m(hidden_m).float(), dim=-1)
+                loss_mlm = mlm_loss(logits, targets, soft, alpha)
+                metrics["mlm_acc"] = (logits.detach().argmax(1) == targets).float().mean()
             else:  # nothing was selected for masking (very short texts)
                 loss_mlm = fused[3 * B:, 0].sum() * 0.0
 
