@@ -334,9 +334,9 @@ def add_diagnose(sub) -> None:
                                                              "(run - init) / (reference - init)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write diagnose.json")
     p.add_argument("--image-root", help="directory the split JSON's image paths are relative to")
-    p.add_argument("--features", choices=["cls", "itc", "pooled"], default="cls",
-                   help="probe features: the CLS token (default), the L2-normalised ITC projection, or the mean "
-                        "of the tokens")
+    p.add_argument("--features", choices=["pooled", "cls", "itc"], default="pooled",
+                   help="probe features: the mean of each encoder's output tokens (default), its CLS token, or the "
+                        "L2-normalised ITC projection")
     p.add_argument("--compare-features", action="store_true",
                    help="also probe the other two feature kinds (probe_gain_by_features in the JSON)")
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")

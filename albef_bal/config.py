@@ -402,7 +402,9 @@ class DiagnoseConfig:
     image_root: Optional[str] = None
     samples: int = 256  # the split's first N images
     probes: bool = True  # probe gains over the initialisation (when the split has probe targets)
-    features: Literal["cls", "itc", "pooled"] = "cls"
+    # probe features: mean of the encoder's output tokens (docs/study.md: why), its CLS token,
+    # or the L2-normalised ITC projection
+    features: Literal["pooled", "cls", "itc"] = "pooled"
     folds: int = 5
     bootstrap: int = 200  # resamples of the logged 95% intervals
     # ||theta_now - theta_last_log|| / ||theta_last_log|| per branch at log steps (rank 0 keeps

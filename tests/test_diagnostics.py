@@ -25,7 +25,7 @@ import workers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-FAST = ["--folds", "3", "--bootstrap", "200"]
+FAST = ["--folds", "2", "--bootstrap", "100"]
 
 
 def export_init(out: str, vocab: str, seed: int = 5, weights_seed=None, *overrides: str) -> str:

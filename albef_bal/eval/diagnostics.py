@@ -64,7 +64,7 @@ very just also too not only
 @dataclass
 class DiagnoseSettings:
     """How the diagnostics are computed (``albef-bal diagnose`` options, ``diagnose.*`` keys)."""
-    features: str = "cls"  # probe features: cls | itc | pooled (docs: why cls)
+    features: str = "pooled"  # probe features: pooled | cls | itc (docs: why pooled)
     folds: int = 5  # cross-fitting folds inside the split
     bootstrap: int = 1000  # paired bootstrap resamples for the 95% intervals
     seed: int = 0  # folds, bootstrap resamples, probe initialisation
