@@ -316,6 +316,53 @@ def run_finetune(args) -> int:
     return 0 if result["outcome"] in ("finished", "preempted") else 1
 
 
+# --------------------------------------------------------------------- diagnose
+def add_diagnose(sub) -> None:
+    p = sub.add_parser(
+        "diagnose", help="imbalance diagnostics: probe gain per encoder over its initialisation, fusion reliance "
+                         "on each modality, modality gap",
+        description="Measure on a held-out retrieval split what each encoder learned (linear probes on frozen "
+                    "features, cross-fitted inside the split, balanced accuracy, as the gain over the same seed's "
+                    "initialisation with 95% paired-bootstrap intervals), how much the fusion layers use the image "
+                    "and the caption (Shapley reliance from MLM and ITM accuracy), and the modality gap, alignment "
+                    "and uniformity of the ITC features. Writes OUT/diagnose.json.")
+    p.add_argument("checkpoint", help="export directory (model.safetensors + config.yaml) or a run directory "
+                                      "(its export/ is used); the config's train.seed rebuilds the initialisation")
+    p.add_argument("--split", required=True, help="retrieval split whose images carry integer probe targets "
+                                                  "(attributes.probe), e.g. data/synthetic/test.json")
+    p.add_argument("--reference", metavar="CHECKPOINT", help="a run on the balanced corpus: adds the relative gain "
+                                                             "(run - init) / (reference - init)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write diagnose.json")
+    p.add_argument("--image-root", help="directory the split JSON's image paths are relative to")
+    p.add_argument("--features", choices=["pooled", "cls", "itc"], default="pooled",
+                   help="probe features: the mean of each encoder's output tokens (default), its CLS token, or the "
+                        "L2-normalised ITC projection")
+    p.add_argument("--compare-features", action="store_true",
+                   help="also probe the other two feature kinds (probe_gain_by_features in the JSON)")
+    p.add_argument("--folds", type=int, default=5, help="cross-fitting folds (default 5)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds and resamples (default 0)")
+    p.add_argument("--caption", type=int, default=0, help="which caption of each image (default the first)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
+    p.add_argument("--no-reliance", action="store_true", help="skip the fusion reliance (the slowest part)")
+    p.set_defaults(func=run_diagnose)
+
+
+def run_diagnose(args) -> int:
+    import torch
+    from .engine.pretrain import setup_logging
+    from .eval.diagnostics import DiagnoseSettings, diagnose_checkpoint, summary_lines
+    setup_logging()
+    settings = DiagnoseSettings(features=args.features, folds=args.folds, bootstrap=args.bootstrap, seed=args.seed,
+                                caption=args.caption, batch_size=args.batch_size, reliance=not args.no_reliance)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    result = diagnose_checkpoint(args.checkpoint, args.split, args.reference, args.out, args.image_root, settings,
+                                 args.compare_features, show_progress=True, device=device)
+    print("\n".join(summary_lines(result)))
+    print(f"written to {args.out}/diagnose.json ({result['seconds']:.0f} s)")
+    return 0
+
+
 # ----------------------------------------------------------------- plot-balance
 def add_plot_balance(sub) -> None:
     p = sub.add_parser(
@@ -376,7 +423,7 @@ def run_gblend_estimate(args) -> int:
 
 
 SUBCOMMANDS = [add_convert, add_pretrain, add_evaluate, add_finetune, add_embed, add_search, add_demo, add_study,
-               add_plot_balance, add_gblend_estimate]
+               add_diagnose, add_plot_balance, add_gblend_estimate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -393,12 +393,44 @@ class EvalConfig:
 
 
 @dataclass
+class DiagnoseConfig:
+    """Imbalance diagnostics during training (albef_bal/eval/diagnostics.py; docs: Diagnostics).
+    The learning speed per branch (``update_ratio_<branch>``) is logged at every log step."""
+    every: int = 0  # optimizer steps between two diagnoses on rank 0 (0 = off)
+    # held-out retrieval split (annotation JSON or shards); default data.val_split
+    split: Optional[str] = None
+    image_root: Optional[str] = None
+    samples: int = 256  # the split's first N images
+    probes: bool = True  # probe gains over the initialisation (when the split has probe targets)
+    # probe features: mean of the encoder's output tokens (docs/study.md: why), its CLS token,
+    # or the L2-normalised ITC projection
+    features: Literal["pooled", "cls", "itc"] = "pooled"
+    folds: int = 5
+    bootstrap: int = 200  # resamples of the logged 95% intervals
+    # ||theta_now - theta_last_log|| / ||theta_last_log|| per branch at log steps (rank 0 keeps
+    # one fp32 copy of the trainable weights)
+    update_ratio: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{key}.every must be >= 0 (0 = off), got {self.every}")
+        if self.folds < 2:
+            raise ConfigError(f"{key}.folds must be >= 2, got {self.folds}")
+        if self.samples < max(4, self.folds):
+            raise ConfigError(f"{key}.samples must be >= 4 and >= {key}.folds, got {self.samples}")
+        _positive(self, key, "bootstrap")
+        if self.image_root is not None and self.split is None:
+            raise ConfigError(f"{key}.image_root is set but {key}.split is not")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
 
     def validate(self) -> "Config":
         """Check every section and the combinations across them; return self."""
@@ -409,6 +441,9 @@ class Config:
         if self.data.max_len > self.model.text.max_position:
             raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.text.max_position "
                               f"({self.model.text.max_position})")
+        if self.diagnose.every and not (self.diagnose.split or self.data.val_split):
+            raise ConfigError("diagnose.every is set but neither diagnose.split nor data.val_split names a held-out "
+                              "split to diagnose on")
         if 0 < self.data.samples_per_epoch < self.train.micro_batch_size:
             raise ConfigError(f"data.samples_per_epoch ({self.data.samples_per_epoch}) is smaller than one "
                               f"micro batch (train.micro_batch_size={self.train.micro_batch_size})")

@@ -8,7 +8,12 @@
   per-branch gradient norms (logged for every method, ``none`` included);
 - one PNG per balancing method whose diagnostics appear in the log (``ogm.png``,
   ``gblend.png``, ``mmpareto.png``, ``relearn.png``): coefficients, weights, cosines,
-  purities, alphas.
+  purities, alphas;
+- ``diagnostics.png`` when the run diagnosed itself (``diagnose.every``): probe gain per
+  encoder over the initialisation (with its 95% interval), fusion reliance on the image and
+  the text, modality gap, alignment and uniformity.
+
+``balance.png`` also draws the learning speed per branch (``update_ratio_<branch>``).
 
 It is also ``albef-bal plot-balance RUN_DIR``.
 """
@@ -19,6 +24,7 @@ import os
 from collections import defaultdict
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_i2t", "loss_t2i", "loss_itm", "loss_mlm")
+UPDATE_PANEL = "relative update ||dθ|| / ||θ|| per log window"
 METHOD_PREFIXES = {"ogm": "OGM-GE", "gblend": "Gradient Blending", "mmpareto": "MMPareto",
                    "relearn": "Diagnosing & Re-learning"}
 
@@ -117,9 +123,14 @@ def plot_run(run_dir: str) -> list[str]:
     norms = {k[len("grad_norm_"):]: v for k, v in s.items() if k.startswith("grad_norm_")}
     if norms:
         panels["gradient norm per branch"] = norms
+    speed = {k[len("update_ratio_"):]: v for k, v in s.items() if k.startswith("update_ratio_")}
+    if speed:
+        panels[UPDATE_PANEL] = speed
     if panels:
         written.append(_draw(os.path.join(out_dir, "balance.png"), f"{name}: modality balance", panels,
-                             logy=("gradient norm per branch",), hlines={"rho_v = s_v / s_t": 1.0}))
+                             logy=("gradient norm per branch", UPDATE_PANEL), hlines={"rho_v = s_v / s_t": 1.0}))
+    if any(k.startswith("diag/") for k in s):
+        written.append(_draw_diagnostics(s, os.path.join(out_dir, "diagnostics.png"), name))
 
     for prefix, title in METHOD_PREFIXES.items():
         keys = sorted(k for k in s if k.startswith(prefix + "/"))
@@ -131,3 +142,46 @@ def plot_run(run_dir: str) -> list[str]:
             panels[panel][label] = s[k]
         written.append(_draw(os.path.join(out_dir, f"{prefix}.png"), f"{name}: {title}", dict(panels)))
     return written
+
+
+def _draw_diagnostics(s: dict, path: str, name: str) -> str:
+    """Probe gains with their intervals, reliance, and the embedding geometry over steps."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    panels = [
+        ("probe gain over init (pp, 95% CI)", [(f"diag/probe_gain_{b}", b) for b in ("vision", "text")]
+         + [("diag/probe_gain_caption_words_text", "text, caption words")]),
+        ("fusion reliance (Shapley, pp)", [("diag/reliance_image", "image"), ("diag/reliance_text", "text")]),
+        ("modality gap", [("diag/modality_gap", "gap")]),
+        ("alignment (lower = closer pairs)", [("diag/alignment", "alignment")]),
+        ("uniformity (lower = more uniform)", [("diag/uniformity_image", "image"), ("diag/uniformity_text", "text")]),
+    ]
+    panels = [(title, [(k, label) for k, label in lines if k in s]) for title, lines in panels]
+    panels = [(title, lines) for title, lines in panels if lines]
+    cols = min(len(panels), 3)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for key, label in lines:
+            xs, ys = zip(*s[key])
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            if f"{key}_lo" in s and f"{key}_hi" in s:
+                lo, hi = dict(s[f"{key}_lo"]), dict(s[f"{key}_hi"])
+                steps = [x for x in xs if x in lo and x in hi]
+                ax.fill_between(steps, [lo[x] for x in steps], [hi[x] for x in steps], color=line.get_color(),
+                                alpha=0.2)
+        if "gain" in title or "reliance" in title:
+            ax.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{name}: imbalance diagnostics (held-out subset)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

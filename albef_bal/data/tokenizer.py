@@ -75,6 +75,10 @@ class CaptionTokenizer:
             attention_mask[i, :len(r)] = 1
         return input_ids, attention_mask
 
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry of one id (``##``-prefixed for a word continuation)."""
+        return self._tok.id_to_token(int(token_id))
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 

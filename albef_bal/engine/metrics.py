@@ -22,6 +22,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def _compact(v: float) -> float:
+    """6 decimals; below 1e-3, 4 significant digits instead (relative update sizes are ~1e-4)."""
+    return round(v, 6) if v == 0 or abs(v) >= 1e-3 else float(f"{v:.4g}")
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "albef_bal", config: Optional[dict] = None,
@@ -52,7 +57,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3)}
-        row.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
+        row.update({k: (_compact(v) if isinstance(v, float) else v) for k, v in metrics.items()})
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

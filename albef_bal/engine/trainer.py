@@ -31,6 +31,7 @@ from .grads import branch_grad_norms
 from .hooks import StepContext, TrainHooks
 from .metrics import MetricsLogger, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, param_groups
+from .updates import UpdateTracker
 
 log = logging.getLogger("albef_bal")
 
@@ -123,6 +124,13 @@ class Trainer:
                 log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, self.state.step,
                          self.state.epoch, self.state.batch_in_epoch)
         self._install_signal_handlers()
+        # learning speed per branch (rank 0 alone: every rank holds the full weights under ZeRO 0-2)
+        self.updates = UpdateTracker(self.branches) if self.rank == 0 and cfg.diagnose.update_ratio else None
+        self.diagnostics = None
+        if cfg.diagnose.every and self.rank == 0:
+            from ..eval.diagnostics import TrainingDiagnostics
+            with torch.random.fork_rng(devices=[]):  # keep the training RNG (and exact resumes) as they are
+                self.diagnostics = TrainingDiagnostics(cfg).setup(self.device)
         return self
 
     def _install_signal_handlers(self) -> None:
@@ -256,7 +264,23 @@ class Trainer:
             st.nonfinite_in_row = 0
         if ctx.log:
             self._log(ctx, grad_norms, lrs)
+        if self.cfg.diagnose.every and st.step % self.cfg.diagnose.every == 0:
+            self._diagnose()
         return True
+
+    def _diagnose(self) -> None:
+        """The held-out diagnostics (``diagnose.every``) on rank 0; the other ranks wait at a
+        barrier, so that every rank enters the next step together. Only the model's feature
+        API runs (no collective inside, momentum encoders and queues untouched). Its time is
+        left out of the logged throughput."""
+        t0 = time.time()
+        if self.diagnostics is not None:
+            row = self.diagnostics.run(self.module)
+            self.metrics.log(self.state.step, row)
+            log.info("step %d diagnostics: %s", self.state.step,
+                     ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if not k.endswith(("_lo", "_hi"))))
+        D.barrier()
+        self._last_log = (self._last_log[0] + time.time() - t0, self._last_log[1])
 
     _preempt_agreed = False
     _postfix: dict = {}
@@ -314,6 +338,8 @@ class Trainer:
         if "score_v" in row and row.get("score_t", 0) > 0:
             row["rho_v"] = row["score_v"] / row["score_t"]
         row.update({f"grad_norm_{k}": v for k, v in grad_norms.items()})
+        if self.updates is not None:
+            row.update(self.updates.ratios())
         row.update(self.hooks.metrics())
         row.update(epoch=st.epoch, lr=next(iter(lrs.values())), alpha=ctx.alpha,
                    pairs_per_s=self.global_batch * steps / max(elapsed, 1e-9),

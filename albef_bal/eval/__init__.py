@@ -1,10 +1,12 @@
-"""Evaluation: image-text retrieval (ITC top-k, ITM re-ranking, ALBEF's recall metrics)
-and linear probes of the frozen encoders.
+"""Evaluation: image-text retrieval (ITC top-k, ITM re-ranking, ALBEF's recall metrics),
+linear probes of the frozen encoders, and the imbalance diagnostics.
 
     retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img)   metrics.py (pure function)
     evaluate_retrieval(model, split, tokenizer, k=..., ...)        retrieval.py (two stages)
     evaluate_checkpoint(checkpoint_or_model, split, out_dir, ...)  report.py (load, run, write)
     topk_inner_product(queries, gallery, k, backend, index)        topk.py (torch / faiss)
+    diagnose_checkpoint(checkpoint, split, reference, out_dir)     diagnostics.py (albef-bal diagnose)
+    diagnose_model(model, init_model, split, tokenizer, cfg)       diagnostics.py (built models)
 
 Importing this package is cheap; the heavier modules load on first use.
 """
@@ -19,6 +21,7 @@ _EXPORTS = {
     "evaluate_retrieval": "retrieval", "RetrievalResult": "retrieval",
     "evaluate_checkpoint": "report", "write_report": "report", "markdown_table": "report",
     "topk_inner_product": "topk",
+    "diagnose_checkpoint": "diagnostics", "diagnose_model": "diagnostics", "build_init_model": "diagnostics",
 }
 __all__ = sorted(_EXPORTS)
 
