@@ -147,6 +147,38 @@ def run_study_cmd(args) -> int:
     return 0
 
 
+def add_validate_score(sub) -> None:
+    p = sub.add_parser(
+        "validate-score", help="does a branch score tell the branches apart? (balanced / vision- / text-degraded)",
+        description="Pretrain the demo model on the balanced corpus and on corpora with vision or text made less "
+                    "informative, seeds paired, logging the branch score of balance.score; pass when the vision "
+                    "score is below the text score in every seed with vision degraded, above it with text "
+                    "degraded, and equal within the seed spread on the balanced corpus. Writes "
+                    "score_validation.json/.md/.png; finished runs are reused.")
+    p.add_argument("--output-dir", default="runs/score_validation")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--score", default="uniformity", help="balance.score to validate (default %(default)s)")
+    p.add_argument("--grade", default="medium", help="mild, medium or strong presets (default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default %(default)s)")
+    p.add_argument("--ranks", type=int, help="CPU processes per run (default as the demo)")
+    add_config_args(p)
+    p.set_defaults(func=run_validate_score)
+
+
+def run_validate_score(args) -> int:
+    from .score_validation import validate_score
+    if len(args.config) > 1:
+        raise SystemExit("albef-bal validate-score: error: give at most one --config")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"albef-bal validate-score: error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    result = validate_score(args.output_dir, args.data_root, args.score, args.grade, seeds, args.steps,
+                            args.config[0] if args.config else None, args.overrides, args.ranks)
+    return 0 if result["passed"] else 1
+
+
 # --------------------------------------------------------------------- evaluate
 def add_evaluate(sub) -> None:
     p = sub.add_parser(
@@ -392,6 +424,7 @@ def run_gblend_estimate(args) -> int:
 
 
 SUBCOMMANDS = [add_convert, add_pretrain, add_evaluate, add_finetune, add_embed, add_search, add_demo, add_study,
+               add_validate_score,
                add_plot_balance, add_gblend_estimate]
 
 
