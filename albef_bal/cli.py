@@ -104,18 +104,30 @@ def run_demo_cmd(args) -> int:
 
 
 def add_study(sub) -> None:
-    from .study import METHODS
+    from .study import DEFAULT_PRESET, METHODS
     p = sub.add_parser(
-        "study", help="imbalance study: every balancing method on a corpus with one modality made harder",
-        description="Pretrain the baseline and each balancing method with the same budget and seeds on a "
-                    "synthetic corpus made imbalanced on purpose, then report zero-shot retrieval and "
-                    "per-encoder linear probes (mean and spread over seeds) as Markdown, JSON and a plot.")
+        "study", help="imbalance study: balancing methods against a balanced reference and an imbalanced baseline",
+        description="Pretrain a balanced reference, an imbalanced baseline and each balancing method with the same "
+                    "budget and paired seeds on the synthetic corpus (one modality made less informative on "
+                    "purpose), measure ITC-only retrieval on the clean test split and the imbalance diagnostics, "
+                    "and report paired differences with 95%% intervals, Holm-corrected verdicts and the minimum "
+                    "detectable effect (study.md, study.json, study.png). Resumable: finished runs are reused.")
     p.add_argument("--output-dir", default="runs/study")
-    p.add_argument("--data-dir", help="corpus directory (default data/synthetic-PRESET)")
-    p.add_argument("--preset", default="vision-mild", help="imbalance preset of the training split "
-                                                           "(data_tools/make_synthetic.py --help lists them)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    p.add_argument("--data-root", default="data",
+                   help="corpora go to DATA_ROOT/synthetic (balanced) and DATA_ROOT/synthetic-PRESET")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="information preset of the imbalanced corpus: vision-{mild,medium,strong} or "
+                        "text-{mild,medium,strong} (default %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated method specs: a name in configs/balance/, DIR/NAME for configs/DIR/NAME.yaml, "
+                        "or a .yaml path (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, at least 2 (default %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=90.0,
+                   help="skip the remaining methods when they no longer fit (seeds go before methods; 0 = no limit; "
+                        "default %(default)s)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="run the methods even when the imbalanced baseline is not below the balanced one")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the per-run imbalance diagnostics")
     p.add_argument("--ranks", type=int, help="CPU processes per run (default as the demo)")
     add_config_args(p)
     p.set_defaults(func=run_study_cmd)
@@ -125,10 +137,46 @@ def run_study_cmd(args) -> int:
     from .study import run_study
     if len(args.config) > 1:
         raise SystemExit("albef-bal study: error: give at most one --config")
-    run_study(args.output_dir, args.data_dir, args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
-              [int(s) for s in args.seeds.split(",")], args.config[0] if args.config else None, args.overrides,
-              args.ranks)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"albef-bal study: error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    run_study(args.output_dir, args.data_root, args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
+              seeds, args.config[0] if args.config else None, args.overrides, args.ranks,
+              max_minutes=args.max_minutes or None, gate=not args.no_gate, diagnose=not args.no_diagnose)
     return 0
+
+
+def add_validate_score(sub) -> None:
+    p = sub.add_parser(
+        "validate-score", help="does a branch score tell the branches apart? (balanced / vision- / text-degraded)",
+        description="Pretrain the demo model on the balanced corpus and on corpora with vision or text made less "
+                    "informative, seeds paired, logging the branch score of balance.score; pass when the vision "
+                    "score is below the text score in every seed with vision degraded, above it with text "
+                    "degraded, and equal within the seed spread on the balanced corpus. Writes "
+                    "score_validation.json/.md/.png; finished runs are reused.")
+    p.add_argument("--output-dir", default="runs/score_validation")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--score", default="uniformity", help="balance.score to validate (default %(default)s)")
+    p.add_argument("--grade", default="medium", help="mild, medium or strong presets (default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default %(default)s)")
+    p.add_argument("--ranks", type=int, help="CPU processes per run (default as the demo)")
+    add_config_args(p)
+    p.set_defaults(func=run_validate_score)
+
+
+def run_validate_score(args) -> int:
+    from .score_validation import validate_score
+    if len(args.config) > 1:
+        raise SystemExit("albef-bal validate-score: error: give at most one --config")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"albef-bal validate-score: error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    result = validate_score(args.output_dir, args.data_root, args.score, args.grade, seeds, args.steps,
+                            args.config[0] if args.config else None, args.overrides, args.ranks)
+    return 0 if result["passed"] else 1
 
 
 # --------------------------------------------------------------------- evaluate
@@ -423,7 +471,7 @@ def run_gblend_estimate(args) -> int:
 
 
 SUBCOMMANDS = [add_convert, add_pretrain, add_evaluate, add_finetune, add_embed, add_search, add_demo, add_study,
-               add_diagnose, add_plot_balance, add_gblend_estimate]
+               add_diagnose, add_validate_score, add_plot_balance, add_gblend_estimate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -354,6 +354,14 @@ class RelearnConfig:
 @dataclass
 class BalanceConfig:
     method: Literal["none", "ogm_ge", "gblend", "mmpareto", "relearn"] = "none"
+    # the branch score that the metrics log and the score-reading methods use
+    # (albef_bal/balance/scores.py): "itc" = the ITC halves' positive probability (blind to
+    # which modality is degraded); "uniformity" = held-out uniformity of each encoder's ITC
+    # features, validated on corpora made imbalanced on purpose
+    score: Literal["itc", "uniformity"] = "itc"
+    score_every: int = 10  # optimizer steps between two held-out measurements (uniformity)
+    score_split: Optional[str] = None  # held-out retrieval split; null = data.val_split
+    score_samples: int = 256  # held-out pairs (first images of the split, first caption each)
     ogm_ge: OGMGEConfig = field(default_factory=OGMGEConfig)
     gblend: GBlendConfig = field(default_factory=GBlendConfig)
     mmpareto: MMParetoConfig = field(default_factory=MMParetoConfig)
@@ -362,6 +370,9 @@ class BalanceConfig:
     def validate(self, key: str) -> None:
         for name in ("ogm_ge", "gblend", "mmpareto", "relearn"):
             getattr(self, name).validate(f"{key}.{name}")
+        _positive(self, key, "score_every")
+        if self.score_samples < 2:
+            raise ConfigError(f"{key}.score_samples must be >= 2, got {self.score_samples}")
 
 
 @dataclass

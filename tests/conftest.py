@@ -108,3 +108,21 @@ def colour_trained(data_corpus, colour_images, tmp_path_factory) -> str:
     seconds), exported with the corpus vocabulary: the planted matches of the search tests."""
     from tiny import overfit_tiny
     return overfit_tiny(str(tmp_path_factory.mktemp("colour_trained")), data_corpus["vocab"], colour_images)
+
+
+@pytest.fixture(scope="session")
+def cli_run():
+    """Run ``python -m albef_bal ARGS...`` in the repository root as a user would (one
+    process, no launcher variables inherited); fail with its output unless it exits 0."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(args, timeout: int = 600) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        res = subprocess.run([sys.executable, "-m", "albef_bal", *map(str, args)], cwd=root, capture_output=True,
+                             text=True, timeout=timeout, env=env)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res
+    return run

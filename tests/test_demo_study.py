@@ -20,35 +20,79 @@ def test_chance_recall_by_hand():
     assert txt == pytest.approx(1.0) and img == pytest.approx(1.0)
 
 
-def _run(r_mean, vision, text, seed):
-    retrieval = {k: r_mean for k in study.RETRIEVAL_KEYS}
-    return {"retrieval": retrieval, "seed": seed,
-            "probes": {"a": {"vision": vision, "text": text}, "b": {"vision": vision + 10, "text": text}}}
+def _result(r_mean, seed, itm=None):
+    return {"seed": seed, "retrieval_itc": {k: r_mean for k in study.RETRIEVAL_KEYS},
+            "retrieval_itm": {k: (itm if itm is not None else r_mean - 1) for k in study.RETRIEVAL_KEYS},
+            "diagnostics": {"probe_gain": {"vision": r_mean / 2, "text": 1.0}, "reliance": {"image": 0.1, "text": 0.2},
+                            "modality_gap": 0.5},
+            "signals": {"rho_v": 0.9}}
 
 
-def test_study_summary_and_verdicts():
-    results = {"none": [_run(4.0, 50, 90, 0), _run(6.0, 60, 90, 1)],
-               "ogm_ge": [_run(9.0, 70, 80, 0), _run(11.0, 70, 80, 1)],
-               "mmpareto": [_run(5.5, 50, 90, 0), _run(4.5, 50, 90, 1)]}
-    summary = study.summarise(results)
-    mean, sd = summary["none"]["r_mean"]
-    assert mean == pytest.approx(5.0) and sd == pytest.approx(2 ** 0.5)
-    assert summary["none"]["probe_vision"][0] == pytest.approx(60.0)  # (55 + 65) / 2
-    assert summary["ogm_ge"]["probe_text"] == pytest.approx((80.0, 0.0))
-    table = study.markdown_table(summary).splitlines()
-    assert table[0].startswith("| method | seeds |") and len(table) == 2 + 3
-    rows = {line.split("|")[1].strip(): line for line in table[2:]}
-    assert rows["none"].rstrip(" |").endswith("baseline")
-    assert "+5.00 (better)" in rows["ogm_ge"]
-    assert "+0.00 (within seed spread)" in rows["mmpareto"]
+def test_study_paired_statistics_by_hand():
+    arms = study.build_arms("vision-medium", ["ogm_ge", "mmpareto"])
+    assert [a.name for a in arms] == ["balanced", "imbalanced", "ogm_ge", "mmpareto"]
+    assert arms[0].preset == "none" and arms[2].preset == "vision-medium" and arms[2].configs[0].endswith("ogm_ge.yaml")
+    results = {"balanced": [_result(30.0, 0), _result(32.0, 1), _result(31.0, 2)],
+               "imbalanced": [_result(20.0, 0), _result(21.0, 1), _result(22.0, 2)],
+               "ogm_ge": [_result(25.0, 0), _result(26.0, 1), _result(27.5, 2)],  # +5, +5, +5.5
+               "mmpareto": [_result(19.0, 0), _result(23.0, 1), _result(21.0, 2)]}  # -1, +2, -1
+    a = study.analyse(arms, results, [0, 1, 2])
+    rows = {r["name"]: r for r in a["arms"]}
+    assert rows["imbalanced"]["r_mean"] == [20.0, 21.0, 22.0] and rows["imbalanced"]["seeds"] == [0, 1, 2]
+    assert rows["balanced"]["mean"] == pytest.approx(31.0) and rows["balanced"]["sd"] == pytest.approx(1.0)
+    assert rows["ogm_ge"]["probe_gain_vision"][0] == pytest.approx((12.5 + 13 + 13.75) / 3)
+    assert a["gate"]["passed"] and a["gate"]["gap"]["mean_diff"] == pytest.approx(10.0)
+    ogm, mmp = a["paired"]["ogm_ge"], a["paired"]["mmpareto"]
+    assert ogm["per_seed"] == pytest.approx([5.0, 5.0, 5.5]) and ogm["mean_diff"] == pytest.approx(31 / 6)
+    assert ogm["gap_closed"] == pytest.approx(31 / 60)
+    assert ogm["ci"][0] > 0 and mmp["ci"][0] < 0 < mmp["ci"][1]
+    # Holm over two methods: the smaller p doubled
+    assert ogm["p_holm"] == pytest.approx(min(1.0, 2 * ogm["p"]))
+    assert ogm["verdict"] == "helps" and mmp["verdict"].startswith("no detectable effect at this power")
+    assert a["mde"]["mde"] > 0 and a["mde"]["mde_holm_first"] > a["mde"]["mde"]
+    table = study.markdown_report(a)
+    assert "| ogm_ge | +5.17 |" in table and "gate passed" in table and "Minimum detectable effect" in table
+    # a baseline pair that is not imbalanced fails the gate
+    results["imbalanced"][1] = _result(33.0, 1)
+    assert not study.analyse(arms, results, [0, 1, 2])["gate"]["passed"]
 
 
-def test_study_refuses_unknown_method_before_training(tmp_path, capsys):
-    rc = main(["study", "--methods", "none,bogus", "--output-dir", str(tmp_path / "s"),
-               "--data-dir", str(tmp_path / "d")])
-    assert rc == 2
-    assert "bogus" in capsys.readouterr().err
-    assert not (tmp_path / "d").exists()
+def test_study_refuses_bad_arguments_before_training(tmp_path, capsys):
+    for args, word in ((["--methods", "ogm_ge,bogus"], "bogus"), (["--preset", "vision-shift-mild"], "every split"),
+                       (["--seeds", "0"], "at least 2")):
+        rc = main(["study", *args, "--output-dir", str(tmp_path / "s"), "--data-root", str(tmp_path / "d")])
+        assert rc == 2
+        assert word in capsys.readouterr().err
+        assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_study_end_to_end_gate_and_resume(tmp_path, monkeypatch):
+    """A tiny real study (torchrun runs through the CLI's code path): the baselines, one method,
+    two seeds; study.json has the fields scripts rely on; a second call reuses every run."""
+    monkeypatch.setitem(demo.CORPUS, "train", 300)
+    monkeypatch.setitem(demo.CORPUS, "val", 40)
+    monkeypatch.setitem(demo.CORPUS, "test", 40)
+    sets = ["train.max_steps=3", "train.micro_batch_size=8", "data.samples_per_epoch=64", "model.queue_size=64",
+            "train.log_every=1", "train.tensorboard=false", "eval.k_test=4"]
+    out = tmp_path / "study"
+    analysis = study.run_study(str(out), str(tmp_path / "data"), "vision-strong", ["ogm_ge"], [0, 1],
+                               overrides=sets, ranks=1, gate=False, max_minutes=None)
+    saved = json.loads((out / "study.json").read_text())
+    assert [a["name"] for a in saved["arms"]] == ["balanced", "imbalanced", "ogm_ge"]
+    for a in saved["arms"]:
+        assert a["seeds"] == [0, 1] and len(a["r_mean"]) == 2 and {"name", "corpus", "method"} <= set(a)
+    p = saved["paired"]["ogm_ge"]
+    assert {"mean_diff", "ci", "gap_closed", "per_seed"} <= set(p) and len(p["per_seed"]) == 2
+    assert (out / "study.md").is_file() and (out / "study.png").is_file()
+    r = json.loads((out / "ogm_ge" / "seed1" / "result.json").read_text())
+    assert r["corpus"] == "vision-strong" and "ogm/k_v" in r["signals"]
+
+    def no_training(*_):
+        raise AssertionError("a finished run was trained again")
+    again = study.run_study(str(out), str(tmp_path / "data"), "vision-strong", ["ogm_ge"], [0, 1], overrides=sets,
+                            ranks=1, gate=False, max_minutes=None, train_fn=no_training)
+    assert again["paired"]["ogm_ge"]["per_seed"] == p["per_seed"]
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch):

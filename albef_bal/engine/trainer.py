@@ -114,15 +114,19 @@ class Trainer:
         if self.rank == 0:
             save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
         self.hooks.setup(self)
+        from ..balance.scores import build_branch_score
+        self.scorer = build_branch_score(cfg)
         resume = self.ckpt.resolve(t.resume)
         if resume:
             trainer_state = self.ckpt.load(self.engine, resume)
             hooks_state = trainer_state.pop("hooks", None)
+            self.scorer.load_state_dict(trainer_state.pop("branch_score", None))
             self.state = TrainState(**trainer_state)
             self.hooks.load_state_dict(hooks_state)
             if self.rank == 0:
                 log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, self.state.step,
                          self.state.epoch, self.state.batch_in_epoch)
+        self.scorer.setup(self)
         self._install_signal_handlers()
         # learning speed per branch (rank 0 alone: every rank holds the full weights under ZeRO 0-2)
         self.updates = UpdateTracker(self.branches) if self.rank == 0 and cfg.diagnose.update_ratio else None
@@ -217,6 +221,7 @@ class Trainer:
 
         out = self.engine(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
                           idx=batch.get("idx"))
+        self.scorer.apply(out)  # score_v / score_t as balance.score defines them
         loss = self.hooks.loss(out, ctx)
         # one small all-reduce agrees on both policies across ranks: a non-finite loss
         # anywhere skips the window everywhere; a signal anywhere stops everyone together
@@ -248,6 +253,7 @@ class Trainer:
         self._clamp_temperature()
         self.hooks.after_step(ctx)
         st.step += 1
+        self.scorer.after_step(st.step)
         st.samples += self.global_batch
         self._preempt_agreed = preempt
         self._window_bad = False
@@ -369,6 +375,7 @@ class Trainer:
         self._sync_skips()
         st = asdict(self.state)
         st["hooks"] = self.hooks.state_dict()
+        st["branch_score"] = self.scorer.state_dict()
         path = self.ckpt.save(self.engine, self.state.step, st)
         if self.rank == 0:
             log.info("checkpoint: %s", path)
