@@ -76,13 +76,13 @@ def method_overrides(arm: Arm, data_dir: str, cfg) -> list[str]:
     subset (the first training shard; it carries the ``cls`` labels) against the validation
     split, which the information presets degrade alike (the same distribution); G-Blend
     re-estimates its weights every 100 steps (six windows), and Re-learning diagnoses at the
-    ends of epochs 2 and 4 of 6."""
+    ends of the first two epochs (steps 200 and 400 of the study's 600)."""
     subset = f"{data_dir}/train/00000.tar"
     method = cfg.balance.method
     if method == "gblend" and cfg.balance.gblend.train_split is None:
         return [f"balance.gblend.train_split={subset}", "balance.gblend.window=100"]
     if method == "relearn" and cfg.balance.relearn.train_split is None:
-        return [f"balance.relearn.train_split={subset}", "balance.relearn.every=2", "balance.relearn.max_times=2"]
+        return [f"balance.relearn.train_split={subset}", "balance.relearn.every=1", "balance.relearn.max_times=2"]
     return []
 
 
