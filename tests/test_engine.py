@@ -137,3 +137,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
     assert r["unchanged"] and r["skipped"] == 1 and r["final_step"] == 5 and r["losses_finite"]
     assert "3 consecutive non-finite losses" in r["stopped"]
     assert r["stop_ckpt"] == "step_00000005"
+    # the stop checkpoint counts the last batch, and the last metrics row the last skipped step
+    s = r["stop_state"]
+    assert (s["step"], s["batch_in_epoch"], s["nonfinite_total"], s["nonfinite_in_row"]) == (5, 5, 3, 3)
+    assert (r["last_row"]["step"], r["last_row"]["nonfinite_total"]) == (5, 3)
