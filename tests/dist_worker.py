@@ -147,7 +147,8 @@ def interrupted_save(out, args):
     again = trainer(make_cfg(out, "train.max_steps=6", "train.save_every=3", "train.zero_stage=2",
                              "train.resume=auto"))
     write(out, "result.json", {"crashed": crashed, "latest": os.path.basename(latest or ""),
-                               "leftovers": leftovers, "resumed_step": again.state.step,
+                               "leftovers": leftovers, "after_restart": sorted(os.listdir(t.ckpt.root)),
+                               "resumed_step": again.state.step,
                                "max_diff": max_diff(saved[3], flat_state(again.module))})
 
 

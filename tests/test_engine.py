@@ -126,7 +126,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     run_worker("interrupted_save", tmp_path, 1)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["crashed"] and r["latest"] == "step_00000003"
-    assert ".tmp-step_00000006" in r["leftovers"]  # the half-written save is ignored
+    assert ".tmp-step_00000006" in r["leftovers"]  # the half-written save is ignored...
+    assert not any(n.startswith(".tmp-") for n in r["after_restart"])  # ...and removed by the next start
     assert r["resumed_step"] == 3 and r["max_diff"] == 0.0
 
 

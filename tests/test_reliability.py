@@ -281,7 +281,7 @@ def reference(config, tmp_path_factory):
 
 # ------------------------------------------------------------------ resume is exact
 def test_interrupted_every_way_and_resumed_equals_uninterrupted(config, reference, tmp_path):
-    """One run, stopped five ways and resumed each time, ends exactly where the uninterrupted
+    """One run, stopped six ways and resumed each time, ends exactly where the uninterrupted
     run ends (export, trainer state, skip counts, last metrics row):
 
     1. kill -9 of a rank under torchrun (a second job started meanwhile is refused);
@@ -290,7 +290,8 @@ def test_interrupted_every_way_and_resumed_equals_uninterrupted(config, referenc
     4. SIGUSR1 to launch/slurm_pretrain.sbatch (MODE=srun, with stand-ins for srun, scancel
        and scontrol): every process of the step, data workers included, gets it; exit 0
        and a requeue;
-    5. the three newest checkpoints damaged (a pickle that runs code, a truncated file, a
+    5. SIGTERM to torchrun's process group: the ranks save and exit in time;
+    6. the three newest checkpoints damaged (a pickle that runs code, a truncated file, a
        deleted RNG file): named and passed over; a plain resume runs to the end."""
     out = tmp_path / "run"
     marker = tmp_path / "payload_ran"
@@ -341,7 +342,18 @@ def test_interrupted_every_way_and_resumed_equals_uninterrupted(config, referenc
     stopped = newest_state(out)["step"]
     assert stopped == run.steps()[-1] < STEPS
 
-    # 5. damage the three newest checkpoints, then resume to the end
+    # 5. SIGTERM to torchrun's process group: torchrun passes it on; the ranks save and exit
+    run = Run("torchrun", config, out)
+    run.wait_for_step(stopped + 2)
+    os.killpg(run.procs[0].pid, signal.SIGTERM)
+    run.wait()  # torchrun's own status reports the signal
+    log = run.output()
+    stopped = newest_state(out)["step"]
+    assert stopped == run.steps()[-1] < STEPS
+    assert f"stopped at step {stopped} (received SIGTERM)" in log
+    assert "killed by signal" not in log and "forcefully exiting" not in log  # no rank or worker killed
+
+    # 6. damage the three newest checkpoints, then resume to the end
     mgr = CheckpointManager(str(out))
     done = [p for _, p in mgr.complete()]
     assert len(done) >= 4, done
@@ -514,7 +526,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(config, reference
 
 
 # ------------------------------------------------------------------- fast failures
-@pytest.mark.parametrize("case", ["no_shards", "output_is_a_file", "output_under_a_file"])
+@pytest.mark.parametrize("case", ["no_shards", "output_is_a_file", "output_under_a_file", "no_resume_dir"])
 def test_user_errors_fail_within_seconds_naming_the_key(config, tmp_path, case):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
@@ -524,8 +536,10 @@ def test_user_errors_fail_within_seconds_naming_the_key(config, tmp_path, case):
                       "matches no file"),
         "output_is_a_file": ([], f"albef-bal pretrain: error: train.output_dir: {a_file} is a file"),
         "output_under_a_file": ([], f"albef-bal pretrain: error: train.output_dir: cannot write to {a_file}/run"),
+        "no_resume_dir": ([f"train.resume={tmp_path}/nowhere"],
+                          f"albef-bal pretrain: error: train.resume: {tmp_path}/nowhere is not a directory"),
     }[case]
-    out = {"no_shards": tmp_path / "run", "output_is_a_file": a_file, "output_under_a_file": a_file / "run"}[case]
+    out = {"output_is_a_file": a_file, "output_under_a_file": a_file / "run"}.get(case, tmp_path / "run")
     cmd = [sys.executable, "-m", "albef_bal", "pretrain", "-c", config, "--set", f"train.output_dir={out}"]
     for s in sets:
         cmd += ["--set", s]
