@@ -76,8 +76,11 @@ def add_pretrain(sub) -> None:
 
 
 def run_pretrain(args) -> int:
+    from .engine.preflight import preflight_pretrain
+    cfg = load_run_config(args)
+    preflight_pretrain(cfg)  # before the training stack is even imported
     from .engine.pretrain import pretrain
-    result = pretrain(load_run_config(args))
+    result = pretrain(cfg)
     return 0 if result["outcome"] in ("finished", "preempted") else 1
 
 
@@ -352,7 +355,7 @@ def add_finetune(sub) -> None:
 
 def run_finetune(args) -> int:
     from .config import apply_overrides, merge, read_yaml
-    from .engine.finetune import finetune
+    from .engine.preflight import check_run_paths
     if args.checkpoint:
         args.overrides = list(args.overrides) + [f"train.init_from={args.checkpoint}"]
     raw: dict = {}
@@ -360,7 +363,10 @@ def run_finetune(args) -> int:
         raw = merge(raw, read_yaml(path))
     raw = apply_overrides(raw, args.overrides)
     explicit = {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
-    result = finetune(load_run_config(args), explicit)
+    cfg = load_run_config(args)
+    check_run_paths(cfg)  # before the training stack is even imported
+    from .engine.finetune import finetune
+    result = finetune(cfg, explicit)
     return 0 if result["outcome"] in ("finished", "preempted") else 1
 
 

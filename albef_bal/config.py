@@ -235,6 +235,12 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping with a checkpoint
     # "auto" = newest complete checkpoint in output_dir (fresh start when none); or a path
     resume: Optional[str] = None
+    # --resume auto when the newest checkpoint is damaged (a file missing, truncated or holding
+    # unsafe objects): true = name it and resume from the newest intact one; false = refuse
+    resume_fallback: bool = True
+    # true: load resumed checkpoints with DeepSpeed's full unpickler, which runs code a file
+    # may contain; only for checkpoints you made yourself and that the safe check refuses
+    trust_checkpoint: bool = False
     # retrieval fine-tuning starts from these weights: an export directory (model.safetensors
     # + config.yaml) or an official ALBEF .pth (converted on the fly)
     init_from: Optional[str] = None

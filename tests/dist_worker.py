@@ -131,10 +131,10 @@ def interrupted_save(out, args):
     t.save = save_and_remember
     original = CheckpointManager._commit
 
-    def crash(self, tmp, final, state):
+    def crash(self, tmp, final, *rest):
         if final.endswith("step_00000006"):
             raise KeyboardInterrupt("killed during the save")
-        return original(self, tmp, final, state)
+        return original(self, tmp, final, *rest)
     CheckpointManager._commit = crash
     try:
         t.run()
@@ -147,7 +147,8 @@ def interrupted_save(out, args):
     again = trainer(make_cfg(out, "train.max_steps=6", "train.save_every=3", "train.zero_stage=2",
                              "train.resume=auto"))
     write(out, "result.json", {"crashed": crashed, "latest": os.path.basename(latest or ""),
-                               "leftovers": leftovers, "resumed_step": again.state.step,
+                               "leftovers": leftovers, "after_restart": sorted(os.listdir(t.ckpt.root)),
+                               "resumed_step": again.state.step,
                                "max_diff": max_diff(saved[3], flat_state(again.module))})
 
 
@@ -184,9 +185,14 @@ def nonfinite(out, args):
         stopped = None
     except NonFiniteLossError as e:
         stopped = str(e)
+    with open(os.path.join(t2.ckpt.latest(), "trainer_state.json")) as f:
+        stop_state = json.load(f)
+    with open(os.path.join(cfg2.train.output_dir, "metrics.jsonl")) as f:
+        last_row = [json.loads(line) for line in f][-1]
     write(out, "result.json", {"unchanged": hooks.unchanged, "skipped": res["nonfinite_total"],
                                "final_step": res["step"], "losses_finite": all(x == x for x in losses(cfg.train.output_dir)),
-                               "stopped": stopped, "stop_ckpt": os.path.basename(t2.ckpt.latest() or "")})
+                               "stopped": stopped, "stop_ckpt": os.path.basename(t2.ckpt.latest() or ""),
+                               "stop_state": stop_state, "last_row": last_row})
 
 
 if __name__ == "__main__":

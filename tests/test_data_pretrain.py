@@ -79,6 +79,8 @@ def test_resume_skips_exactly(data_config, corrupt_free_and_bad_shards, workers)
         loader, resumed = _run(cfg, skip_batches=n)
         assert len(loader) == len(resumed) == 10 - n
         assert all(_same(x, y) for x, y in zip(full[n:], resumed))
+        # the skips before batch n belong to the batches a checkpoint already counted
+        assert [x["skipped"] for x in full[n:]] == [y["skipped"] for y in resumed]
     loader, rest = _run(cfg, skip_batches=10)
     assert len(loader) == 0 and rest == []
 
@@ -143,3 +145,57 @@ def test_pipe_urls_stream_the_same_data(data_config, data_corpus):
     _, a = _run(local)
     _, b = _run(piped)
     assert len(a) == len(b) == 4 and all(_same(x, y) for x, y in zip(a, b))
+
+
+def test_iter_starts_the_loader_without_drawing_from_the_global_rng(data_config):
+    """``iter(loader)`` creates the DataLoader's iterator (workers, base seed) at once, and
+    its seed comes from a generator of its own: the training RNG is left as it was."""
+    import os
+
+    import psutil
+    cfg = data_config(seed=2, batch=4, samples_per_epoch=16, num_workers=1)
+    loader = build_pretrain_loader(cfg, build_tokenizer(cfg), 0, 1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    children = len(psutil.Process(os.getpid()).children())
+    batches = iter(loader)
+    assert len(psutil.Process(os.getpid()).children()) == children + 1  # the worker started here
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(list(batches)) == 4
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_data_workers_outlive_stop_signals(data_config):
+    """SIGTERM and SIGUSR1 sent to a data worker (as schedulers send them to every process)
+    do not kill it: the batches keep coming and the rank decides when to stop."""
+    import os
+    import signal
+
+    import psutil
+    cfg = data_config(seed=2, batch=4, samples_per_epoch=32, num_workers=1)
+    batches = iter(build_pretrain_loader(cfg, build_tokenizer(cfg), 0, 1))
+    first = next(batches)
+    workers = psutil.Process(os.getpid()).children()
+    assert workers
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+        w.send_signal(signal.SIGUSR1)
+    rest = list(batches)
+    assert len(rest) == 7 and first["image"].shape[0] == 4
+
+
+def test_a_process_that_ends_with_live_workers_exits(data_config, tmp_path):
+    """Workers ignore SIGTERM, so multiprocessing's exit hook cannot terminate them: a
+    process that ends (say, with an error) while a loader's workers are alive must still
+    exit, its workers stopped in order."""
+    import pickle
+    import subprocess
+    import sys
+    cfg = data_config(seed=2, batch=4, samples_per_epoch=32, num_workers=2)
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(cfg))
+    code = ("import pickle; from albef_bal.data import build_pretrain_loader, build_tokenizer; "
+            f"cfg = pickle.load(open({str(tmp_path / 'cfg.pkl')!r}, 'rb')); "
+            "batches = iter(build_pretrain_loader(cfg, build_tokenizer(cfg), 0, 1)); next(batches); "
+            "raise SystemExit(3)")
+    res = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr[-2000:]

@@ -126,7 +126,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):
     run_worker("interrupted_save", tmp_path, 1)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["crashed"] and r["latest"] == "step_00000003"
-    assert ".tmp-step_00000006" in r["leftovers"]  # the half-written save is ignored
+    assert ".tmp-step_00000006" in r["leftovers"]  # the half-written save is ignored...
+    assert not any(n.startswith(".tmp-") for n in r["after_restart"])  # ...and removed by the next start
     assert r["resumed_step"] == 3 and r["max_diff"] == 0.0
 
 
@@ -137,3 +138,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
     assert r["unchanged"] and r["skipped"] == 1 and r["final_step"] == 5 and r["losses_finite"]
     assert "3 consecutive non-finite losses" in r["stopped"]
     assert r["stop_ckpt"] == "step_00000005"
+    # the stop checkpoint counts the last batch, and the last metrics row the last skipped step
+    s = r["stop_state"]
+    assert (s["step"], s["batch_in_epoch"], s["nonfinite_total"], s["nonfinite_in_row"]) == (5, 5, 3, 3)
+    assert (r["last_row"]["step"], r["last_row"]["nonfinite_total"]) == (5, 3)

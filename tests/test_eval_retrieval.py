@@ -135,3 +135,36 @@ def test_two_ranks_equal_one_rank(tiny_export, data_corpus, tmp_path):
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-9)
     for name in ("ranks_i2t.jsonl", "ranks_t2i.jsonl"):
         assert (out / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
+def test_unreadable_images_are_substituted_counted_and_listed(tiny_export, data_corpus, tmp_path):
+    """`albef-bal evaluate` on a split with a corrupt and a missing image: both are replaced
+    by the mean-colour image, and metrics.json, metrics.md and the printed table say how
+    many and which, each once."""
+    import subprocess
+    import sys
+    root = os.path.dirname(data_corpus["test"])
+    entries = json.load(open(data_corpus["test"]))
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8 not an image" * 10)
+    for e in entries:
+        e["image"] = os.path.join(root, e["image"])
+    entries[1]["image"] = str(garbage)
+    entries[4]["image"] = str(tmp_path / "missing.jpg")
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(entries))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = tmp_path / "report"
+    res = subprocess.run([sys.executable, "-m", "albef_bal", "evaluate", "--checkpoint", tiny_export, "--split",
+                          str(split_file), "--k", "2", "--out", str(out)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["images_substituted"] == 2
+    assert [(x["image"], x["path"]) for x in report["substituted_images"]] == [(1, str(garbage)),
+                                                                              (4, str(tmp_path / "missing.jpg"))]
+    assert "cannot read the file (No such file or directory)" in report["substituted_images"][1]["reason"]
+    summary = f"Unreadable images: 2 of {len(entries)} could not be read and were replaced by a mean-colour image"
+    assert summary in (out / "metrics.md").read_text() and summary in res.stdout
+    assert str(garbage) in (out / "metrics.md").read_text()
+    assert res.stderr.count(f"evaluation image {garbage}") == 1  # logged once per image

@@ -30,7 +30,7 @@ from .captions import captions_from_json, clean_caption
 from .seeding import derive_seed, sample_rng
 from .skips import SkipCounter, SkipSample, add_counts, empty_counts
 from .transforms import TrainTransform, decode_image
-from .webdataset import DataLoaderWithSkips, DataPipelineError, train_transform
+from .webdataset import DataLoaderWithSkips, DataPipelineError, loader_options, train_transform
 
 log = logging.getLogger("albef_bal.data")
 MAX_SUBSTITUTES = 20
@@ -156,7 +156,7 @@ def build_finetune_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, 
     dataset = PairDataset(pairs, train_transform(cfg, d.finetune_crop_scale_min), stream_seed)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=d.num_workers,
                         collate_fn=_Collate(BatchCollator(tokenizer, d.max_len, d.add_sep)),
-                        pin_memory=False)
+                        pin_memory=False, **loader_options(derive_seed(stream_seed, rank)))
     log.info("finetune loader: %s, %d pairs of %d images; rank %d/%d epoch %d: %d batches of %d",
              d.train_json, len(pairs), n_images, rank, world_size, epoch, len(batches), B)
     return DataLoaderWithSkips(loader, len(batches), f"finetune epoch {epoch} rank {rank}")

@@ -17,8 +17,10 @@ Captions are cleaned like training captions (ALBEF cleans evaluation captions to
 - shard splits: rank r's workers read disjoint subsets of the shards (shard i goes to
   global worker ``i mod (W * workers)``), so the indices a rank gets are not contiguous.
 Either way every batch comes with the image indices; scatter the features by them.
-An image that fails to decode is replaced by a mean-colour image (all zeros after
-normalisation) and logged, so that the split keeps its size and its ground truth.
+An image that cannot be read or decoded is replaced by a mean-colour image (all zeros after
+normalisation), so that the split keeps its size and its ground truth; it is logged once and
+reported to the caller (``iter_images(..., substituted=[])``), and the evaluation report
+counts and lists these images.
 """
 from __future__ import annotations
 
@@ -163,14 +165,16 @@ def _placeholder(res: int) -> np.ndarray:
     return np.broadcast_to(np.array(_PLACEHOLDER_RGB, dtype=np.uint8), (res, res, 3)).copy()
 
 
-def _decode_or_placeholder(data: Optional[bytes], transform: EvalTransform, where: str) -> np.ndarray:
+def _decode_or_placeholder(data: Optional[bytes], transform: EvalTransform, where: str,
+                           unreadable: str = "cannot read the file") -> tuple[np.ndarray, Optional[str]]:
+    """The transformed image and None, or the placeholder and why the image was replaced."""
     try:
         if data is None:
-            raise SkipSample("bad_image", "cannot read the file")
-        return transform(decode_image(data, transform.decode_min_side))
+            raise SkipSample("bad_image", unreadable)
+        return transform(decode_image(data, transform.decode_min_side)), None
     except SkipSample as e:
         log.warning("evaluation image %s: %s; using a mean-colour image instead", where, e)
-        return _placeholder(transform.res)
+        return _placeholder(transform.res), str(e)
 
 
 class _FileImages(Dataset):
@@ -180,19 +184,23 @@ class _FileImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, k: int) -> tuple[np.ndarray, int, Optional[str]]:
         i = self.indices[k]
         try:
             with open(self.paths[i], "rb") as f:
                 data: Optional[bytes] = f.read()
+            unreadable = ""
         except OSError as e:
-            log.warning("evaluation image %s: %s", self.paths[i], e)
-            data = None
-        return _decode_or_placeholder(data, self.transform, self.paths[i]), i
+            data, unreadable = None, f"cannot read the file ({e.strerror or e})"
+        image, why = _decode_or_placeholder(data, self.transform, self.paths[i], unreadable)
+        return image, i, why
 
 
-def _collate_images(items: Sequence[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return to_normalized_tensor([a for a, _ in items]), torch.tensor([i for _, i in items], dtype=torch.long)
+def _collate_images(items: Sequence[tuple[np.ndarray, int, Optional[str]]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """(images, image indices, [(index, why) of the images replaced by the placeholder])."""
+    return (to_normalized_tensor([a for a, _, _ in items]), torch.tensor([i for _, i, _ in items], dtype=torch.long),
+            [(i, why) for _, i, why in items if why])
 
 
 class _ShardImages:
@@ -201,17 +209,19 @@ class _ShardImages:
     def __init__(self, key_to_index: dict[str, int], transform: EvalTransform):
         self.key_to_index, self.transform = key_to_index, transform
 
-    def prepare(self, raw: dict) -> tuple[np.ndarray, int]:
+    def prepare(self, raw: dict) -> tuple[np.ndarray, int, Optional[str]]:
         i = self.key_to_index.get(raw["__key__"])
         if i is None:  # a sample that the split left out (no usable caption)
             raise SkipSample("missing_caption", "not part of the split")
         try:
             _, data = image_member(raw)
-        except SkipSample:
-            data = None
-        return _decode_or_placeholder(data, self.transform, f"{raw['__url__']}:{raw['__key__']}"), i
+            unreadable = ""
+        except SkipSample as e:
+            data, unreadable = None, str(e)
+        image, why = _decode_or_placeholder(data, self.transform, f"{raw['__url__']}:{raw['__key__']}", unreadable)
+        return image, i, why
 
-    def collate(self, items, skipped) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, items, skipped) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
         return _collate_images(items)
 
 
@@ -221,23 +231,28 @@ def image_indices_for_rank(n: int, rank: int, world_size: int) -> range:
 
 
 def iter_images(split: RetrievalSplit, transform: Union[int, EvalTransform], batch_size: int, rank: int = 0,
-                world_size: int = 1, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images float [b, 3, R, R], image indices long [b])`` for this rank's share."""
+                world_size: int = 1, num_workers: int = 0, substituted: Optional[list] = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images float [b, 3, R, R], image indices long [b])`` for this rank's share.
+    ``substituted``: a list that receives ``(image index, why)`` of every image of this
+    share that could not be read and was replaced by the mean-colour placeholder."""
     if isinstance(transform, int):
         transform = EvalTransform(transform)
     if split.shards is None:
         ds = _FileImages(split.images, image_indices_for_rank(len(split), rank, world_size), transform)
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=_collate_images)
-        yield from loader
-        return
-    from .webdataset import EvalShardStream
-    stream = EvalShardStream(split.shards, _ShardImages({k: i for i, k in enumerate(split.images)}, transform),
-                             batch_size=batch_size, rank=rank, world_size=world_size)
-    for batch in DataLoader(stream, batch_size=None, num_workers=num_workers):
+        batches = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                             collate_fn=_collate_images)
+    else:
+        from .webdataset import EvalShardStream
+        stream = EvalShardStream(split.shards, _ShardImages({k: i for i, k in enumerate(split.images)}, transform),
+                                 batch_size=batch_size, rank=rank, world_size=world_size)
+        batches = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    for batch in batches:
         if isinstance(batch, dict):  # a marker that only carries skip counts
             continue
-        images, indices = batch
+        images, indices, replaced = batch
+        if substituted is not None:
+            substituted.extend(replaced)
         yield images, indices
 
 

@@ -50,6 +50,21 @@ def is_local(url: str) -> bool:
     return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
 
 
+def check_local_shards(spec: Union[str, Sequence[str]], key: str = "data.train_shards") -> list[str]:
+    """``expand_urls``, plus a refusal (:class:`ShardSpecError`, naming the key and the
+    value) when local shards of the spec do not exist. Checked at start-up, this takes
+    milliseconds; the stream would otherwise retry each missing shard with back-off and
+    give up only after minutes. ``pipe:`` and remote URLs are not checked."""
+    urls = expand_urls(spec, key)
+    local = [u for u in urls if is_local(u)]
+    missing = [u for u in local if not os.path.isfile(u[len("file:"):] if u.startswith("file:") else u)]
+    if missing:
+        what = ("matches no file" if len(missing) == len(urls)
+                else f"names {len(missing)} missing file(s) of {len(urls)}")
+        raise ShardSpecError(f"{key}: {spec!r} {what} (e.g. {missing[0]})")
+    return urls
+
+
 def split_for(urls: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
     """Shards of one (rank, worker) when each shard is read exactly once: shard i goes to the
     global worker ``i mod (world_size * num_workers)``, where global worker = rank *

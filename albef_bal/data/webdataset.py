@@ -28,8 +28,11 @@ With fewer shards than ``world_size * W`` some workers simply have nothing to re
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import random
+import signal
+import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -159,6 +162,10 @@ class PretrainStream(IterableDataset):
             bad_in_a_row = 0
             if to_skip:
                 to_skip -= 1
+                if not to_skip:
+                    # the skips met so far were counted with the batches the checkpoint
+                    # already holds; the next batch carries only the ones after this sample
+                    counter.take()
                 continue
             batch.append(Prepared(self.transform(img, rng), caption, iid, raw["__key__"]))
             if len(batch) == self.batch_size:
@@ -245,7 +252,15 @@ class DataLoaderWithSkips:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
+        # the DataLoader's iterator (its workers and base seed) is created here, when
+        # ``iter()`` is called, not at the first ``next()``: callers that create it inside
+        # ``torch.random.fork_rng()`` rely on that
+        batches = iter(self.loader)
+        _LIVE_LOADERS.add(batches)
+        return self._batches(batches)
+
+    def _batches(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
             add_counts(self.skipped, batch.get("skipped", {}))
             if batch.get("__empty__"):
                 continue  # it only carried skip counts
@@ -254,9 +269,41 @@ class DataLoaderWithSkips:
             log.warning("%s: skipped %s", self.name, format_counts(self.skipped))
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+_LIVE_LOADERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    """At exit, stop the workers of loaders still alive (a run that ended with an error).
+    They ignore SIGTERM, so the terminate() of multiprocessing's own exit hook would not end
+    them and its join would wait forever; the DataLoader's orderly shutdown (a sentinel,
+    then join) does. Registered after torch's own exit hook, so it runs before it."""
+    for batches in list(_LIVE_LOADERS):
+        stop = getattr(batches, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the data workers: SIGTERM and SIGUSR1 are the training
+    process's business. Schedulers send them to every process of a job (SLURM's step,
+    a container's process group, a launcher killing its process tree); a worker that died
+    of it would make the next batch fail before the rank could save its checkpoint. The
+    rank shuts its workers down itself when it stops (see ``_stop_live_workers``)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def loader_options(seed: int) -> dict:
+    """DataLoader arguments shared by the training loaders: workers that outlive stop
+    signals, and a generator of their own for the workers' base seed, so that creating a
+    loader never draws from (and shifts) the global torch RNG that training uses."""
+    return {"worker_init_fn": ignore_stop_signals, "generator": torch.Generator().manual_seed(seed)}
+
+
+def _loader(dataset: IterableDataset, num_workers: int, seed: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      persistent_workers=False, **loader_options(seed))
 
 
 def _config_error(msg: str):
@@ -303,7 +350,8 @@ def build_pretrain_loader(cfg: Any, tokenizer: Any, rank: int, world_size: int, 
     log.info("pretrain loader: rank %d/%d epoch %d, %d shards, %d batches of %d (%d skipped for resume), "
              "%d workers", rank, world_size, epoch, len(urls), remaining, cfg.train.micro_batch_size,
              total - remaining, d.num_workers)
-    return DataLoaderWithSkips(_loader(stream, d.num_workers), remaining, f"pretrain epoch {epoch} rank {rank}")
+    return DataLoaderWithSkips(_loader(stream, d.num_workers, derive_seed(cfg.train.seed, epoch, rank, 3)), remaining,
+                               f"pretrain epoch {epoch} rank {rank}")
 
 
 def build_eval_loader(cfg: Any, tokenizer: Any, shards: Any, rank: int, world_size: int,

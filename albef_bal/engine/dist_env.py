@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Optional
 
 import torch
 
@@ -19,9 +20,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_LAUNCHER_PID: Optional[int] = None
+_LAUNCHER_CHECKED = False
+
+
+def launcher_pid() -> Optional[int]:
+    """The pid of the launcher process (torchrun, the deepspeed launcher) that started this
+    rank, or None when there is none (one plain process, srun): a launcher sets LOCAL_RANK
+    for each rank it starts, before any of this module's filling-in."""
+    fill_env_from_launcher()
+    return _LAUNCHER_PID
+
+
 def fill_env_from_launcher() -> None:
     """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT present in the environment."""
+    global _LAUNCHER_PID, _LAUNCHER_CHECKED
     env = os.environ
+    if not _LAUNCHER_CHECKED:
+        _LAUNCHER_CHECKED = True
+        _LAUNCHER_PID = os.getppid() if "LOCAL_RANK" in env else None
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         # srun with one task per GPU: SLURM numbers the tasks; MASTER_ADDR/PORT come from the
         # batch script (see launch/slurm_pretrain.sbatch)

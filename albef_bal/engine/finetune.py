@@ -131,10 +131,12 @@ def finetune(cfg: Config, explicit: Iterable[str] = ()) -> dict:
     metrics of the starting weights, when ``eval.at_start``), ``best`` and ``test``."""
     from ..engine.dist_env import fill_env_from_launcher
     from .ds_config import build_ds_config
+    from .preflight import check_run_paths
     from .pretrain import prepare_text
     setup_logging()
     fill_env_from_launcher()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    check_run_paths(cfg)
     model, cfg = load_finetune_model(cfg, explicit)
     build_ds_config(cfg, world)  # refuse a bad batch/ZeRO set-up before reading data
     tokenizer = prepare_text(cfg)

@@ -9,6 +9,7 @@ import torch
 
 from ..config import Config
 from .ds_config import build_ds_config
+from .preflight import preflight_pretrain
 from .trainer import Trainer
 
 log = logging.getLogger("albef_bal")
@@ -59,10 +60,7 @@ def pretrain(cfg: Config) -> dict:
     setup_logging()
     fill_env_from_launcher()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not cfg.data.train_shards:
-        from ..config import ConfigError
-        raise ConfigError("data.train_shards is empty: point it at WebDataset shards "
-                          "(data_tools/make_synthetic.py or data_tools/json_to_wds.py make them)")
+    preflight_pretrain(cfg)
     build_ds_config(cfg, world)  # refuse a bad batch/ZeRO set-up before building anything
     tokenizer = prepare_text(cfg)
     data = ShardData(cfg, tokenizer, rank, world)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional, Protocol
@@ -24,13 +23,15 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..config import Config, save_config, to_dict
 from ..losses import alpha_schedule
-from .checkpoint import CheckpointManager
-from .dist_env import init_distributed
+from .checkpoint import CheckpointManager, seed_host_rngs
+from .dist_env import init_distributed, launcher_pid
 from .ds_config import build_ds_config
 from .grads import branch_grad_norms
 from .hooks import StepContext, TrainHooks
 from .metrics import MetricsLogger, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, param_groups
+from .rundir import RunDirLock
+from .stopping import StopRequests
 from .updates import UpdateTracker
 
 log = logging.getLogger("albef_bal")
@@ -75,19 +76,42 @@ class Trainer:
         self.desc = desc
         self.epoch_end_fn = epoch_end
         self.state = TrainState()
-        self._preempt = False
+        self.stop: Optional[StopRequests] = None
+        self.lock: Optional[RunDirLock] = None
         self._window_bad = False
+        self._saved_step: Optional[int] = None
+        self._stop_error: Optional[str] = None
         self._skips_since_log: dict = {}
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
-        import deepspeed
         cfg, t = self.cfg, self.cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        # first: a stop signal during the (long) set-up is kept and honoured at the first step
+        self.stop = StopRequests(int(os.environ.get("RANK", 0)), launcher_pid()).install()
         self.device = init_distributed()
         self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.stop.rank = self.rank
+        # one job per run directory, decided before anything is written into it
+        self.lock = RunDirLock(t.output_dir).acquire()
+        try:
+            self._setup(cfg, t)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def _setup(self, cfg: Config, t) -> None:
+        import deepspeed
         ds_config = build_ds_config(cfg, self.world)
+        self.ckpt = CheckpointManager(t.output_dir, t.keep_last)
+        if self.rank == 0:
+            for name in self.ckpt.remove_leftovers():
+                log.info("removed %s, a partial checkpoint of an earlier run", name)
+        # verified (and damaged ones named) before the engine is built
+        resume = self.ckpt.resolve(t.resume, fallback=t.resume_fallback, trusted=t.trust_checkpoint,
+                                   world_size=self.world)
         self.steps_per_epoch = self.data.batches_per_epoch // t.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"an epoch holds {self.data.batches_per_epoch} micro batches per rank, fewer than "
@@ -106,9 +130,9 @@ class Trainer:
         # seeded per rank after the (identical) model construction: masking, hard negatives
         # and dropout differ across ranks as their data does
         torch.manual_seed(t.seed * 1000 + self.rank)
+        seed_host_rngs(t.seed * 1000 + self.rank)
         self.branches = {k: [p for _, p in v] for k, v in self.module.branch_parameters().items()}
 
-        self.ckpt = CheckpointManager(t.output_dir, t.keep_last)
         self.metrics = MetricsLogger(t.output_dir, self.rank == 0, t.tensorboard, t.wandb, t.wandb_project,
                                      to_dict(cfg))
         if self.rank == 0:
@@ -116,9 +140,8 @@ class Trainer:
         self.hooks.setup(self)
         from ..balance.scores import build_branch_score
         self.scorer = build_branch_score(cfg)
-        resume = self.ckpt.resolve(t.resume)
         if resume:
-            trainer_state = self.ckpt.load(self.engine, resume)
+            trainer_state = self.ckpt.load(self.engine, resume, trusted=t.trust_checkpoint)
             hooks_state = trainer_state.pop("hooks", None)
             self.scorer.load_state_dict(trainer_state.pop("branch_score", None))
             self.state = TrainState(**trainer_state)
@@ -126,8 +149,8 @@ class Trainer:
             if self.rank == 0:
                 log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, self.state.step,
                          self.state.epoch, self.state.batch_in_epoch)
+            self._saved_step = self.state.step
         self.scorer.setup(self)
-        self._install_signal_handlers()
         # learning speed per branch (rank 0 alone: every rank holds the full weights under ZeRO 0-2)
         self.updates = UpdateTracker(self.branches) if self.rank == 0 and cfg.diagnose.update_ratio else None
         self.diagnostics = None
@@ -135,18 +158,6 @@ class Trainer:
             from ..eval.diagnostics import TrainingDiagnostics
             with torch.random.fork_rng(devices=[]):  # keep the training RNG (and exact resumes) as they are
                 self.diagnostics = TrainingDiagnostics(cfg).setup(self.device)
-        return self
-
-    def _install_signal_handlers(self) -> None:
-        def request(signum, frame):
-            self._preempt = True
-            log.warning("rank %d: received %s; saving a checkpoint at the next step and exiting",
-                        self.rank, signal.Signals(signum).name)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, request)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
 
     # --------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -167,6 +178,8 @@ class Trainer:
                         break
                     stepped = self._micro_step(batch)
                     st.batch_in_epoch += 1
+                    if self._stop_error:
+                        raise NonFiniteLossError(self._stop_error)
                     if not stepped:
                         continue
                     progress.update(1, **self._postfix)
@@ -182,17 +195,34 @@ class Trainer:
                 if st.batch_in_epoch >= micro_per_epoch or st.step < self.total_steps:
                     self._end_epoch()
         except NonFiniteLossError:
-            self.save()
-            progress.close()
+            try:
+                self.save()
+            finally:
+                progress.close()
+                self._release()
+            raise
+        except BaseException:
+            self._release()
             raise
         progress.close()
-        self.save()
-        if outcome == "finished" and self.rank == 0:
-            from ..checkpoints import export_model
-            export_model(self.module, self.cfg, os.path.join(t.output_dir, "export"))
-        D.barrier()
-        self.metrics.close()
+        try:
+            self.save()
+            if outcome == "finished" and self.rank == 0:
+                from ..checkpoints import export_model
+                export_model(self.module, self.cfg, os.path.join(t.output_dir, "export"))
+            D.barrier()
+        finally:
+            self._release()
+        if outcome == "preempted" and self.rank == 0:
+            log.warning("stopped at step %d (%s); resume with --resume auto", st.step,
+                        self.stop.reason or "another rank asked to stop")
         return {"outcome": outcome, **asdict(st)}
+
+    def _release(self) -> None:
+        """Close the metrics log and let go of the run directory (every way a run ends)."""
+        self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _end_epoch(self) -> None:
         st = self.state
@@ -226,7 +256,7 @@ class Trainer:
         # one small all-reduce agrees on both policies across ranks: a non-finite loss
         # anywhere skips the window everywhere; a signal anywhere stops everyone together
         flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
-                             torch.tensor(float(self._preempt), device=loss.device)])
+                             torch.tensor(float(self.stop.requested()), device=loss.device)])
         if self.world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, preempt = (bool(x) for x in flags.tolist())
@@ -263,12 +293,13 @@ class Trainer:
             log.warning("step %d: non-finite loss; update skipped (%d in a row, %d in total)", st.step,
                         st.nonfinite_in_row, st.nonfinite_total)
             if st.nonfinite_in_row >= t.max_nonfinite:
-                raise NonFiniteLossError(
+                # raised by the loop once this batch is counted, after this step's metrics row
+                self._stop_error = (
                     f"{st.nonfinite_in_row} consecutive non-finite losses (train.max_nonfinite={t.max_nonfinite});"
                     f" stopped with a checkpoint in {self.ckpt.root}. Lower train.lr or check the data")
         else:
             st.nonfinite_in_row = 0
-        if ctx.log:
+        if ctx.log or self._stop_error:
             self._log(ctx, grad_norms, lrs)
         if self.cfg.diagnose.every and st.step % self.cfg.diagnose.every == 0:
             self._diagnose()
@@ -373,10 +404,13 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def save(self) -> str:
         self._sync_skips()
+        if self._saved_step == self.state.step:  # nothing new since the last save (or the resume)
+            return os.path.join(self.ckpt.root, f"step_{self.state.step:08d}")
         st = asdict(self.state)
         st["hooks"] = self.hooks.state_dict()
         st["branch_score"] = self.scorer.state_dict()
         path = self.ckpt.save(self.engine, self.state.step, st)
+        self._saved_step = self.state.step
         if self.rank == 0:
             log.info("checkpoint: %s", path)
         return path

@@ -125,6 +125,9 @@ def evaluate_checkpoint(model_or_export_dir: Union[str, torch.nn.Module], split:
                                 precision=e.precision, device=dev, num_workers=e.num_workers)
     report = {"metrics": result.metrics, "k_test": e.k_test, "score": e.score, "image_res": model.cfg.image_res,
               "num_images": result.num_images, "num_texts": result.num_texts, "pairs_fused": result.pairs_fused,
+              "images_substituted": len(result.substituted),
+              "substituted_images": [{"image": i, "path": split.images[i], "reason": why}
+                                     for i, why in result.substituted],
               "world_size": D.get_world_size(), "timings": {k: round(v, 3) for k, v in result.timings.items()},
               "checkpoint": source, "split": split_name, "files": []}
     if out_dir and D.get_rank() == 0:
@@ -145,7 +148,21 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{m[f'{key}_r{k}']:.2f}" for k in (1, 5, 10))
                      + f" | {m[f'{key}_r_mean']:.2f} |")
     lines += ["", f"Mean recall (r_mean): {m['r_mean']:.2f}", ""]
+    lines += [substituted_summary(report), ""]
+    for item in report.get("substituted_images", []):
+        lines.append(f"- image {item['image']} `{item['path']}`: {item['reason']}")
+    if report.get("substituted_images"):
+        lines.append("")
     return "\n".join(lines)
+
+
+def substituted_summary(report: dict) -> str:
+    """One line: how many images could not be read and were replaced by a placeholder."""
+    n = report.get("images_substituted", 0)
+    if not n:
+        return f"Unreadable images: none (all {report['num_images']} read)."
+    return (f"Unreadable images: {n} of {report['num_images']} could not be read and were replaced by a "
+            f"mean-colour image (they still count as queries and targets, so recall is lower than with them).")
 
 
 def _jsonable(x):

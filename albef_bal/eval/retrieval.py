@@ -56,6 +56,9 @@ class RetrievalResult:
     scores_t2i: Optional[torch.Tensor] = None  # [T, N]
     ranks_i2t: Optional[torch.Tensor] = None  # [N] 0-based rank of the best right caption
     ranks_t2i: Optional[torch.Tensor] = None  # [T] 0-based rank of the right image
+    # (image index, why) of every image that could not be read and was replaced by a
+    # mean-colour placeholder, over all ranks, sorted; on every rank
+    substituted: list = field(default_factory=list)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -127,14 +130,16 @@ def encode_texts(model, texts: list[str], tokenizer, max_len: int, add_sep: bool
 
 @torch.no_grad()
 def encode_images(model, split, batch_size: int, device: torch.device, amp: Optional[torch.dtype],
-                  num_workers: int = 0):
+                  num_workers: int = 0, substituted: Optional[list] = None):
     """This rank's share: ``(image indices [n] sorted, image tokens [n, P, Dv] in host memory,
-    image_feat of all images [N, E] fp32 on the CPU, gathered over ranks)``."""
+    image_feat of all images [N, E] fp32 on the CPU, gathered over ranks)``; ``substituted``
+    receives the (index, why) of this rank's unreadable images."""
     from ..data import iter_images
     store = amp or torch.float32
     idx_all, tok_all, feat_all = [], [], []
     res = model.cfg.image_res
-    for images, idx in iter_images(split, res, batch_size, D.get_rank(), D.get_world_size(), num_workers):
+    for images, idx in iter_images(split, res, batch_size, D.get_rank(), D.get_world_size(), num_workers,
+                                   substituted):
         with _autocast(device, amp):
             tok = model.encode_image(images.to(device, non_blocking=True))
             feat = model.image_feat(tok).float()
@@ -245,7 +250,13 @@ def evaluate_retrieval(model, split, tokenizer, *, k: int = 256, score: str = "i
     try:
         text_feat, text_tokens, text_mask = encode_texts(model, split.texts, tokenizer, max_len, add_sep,
                                                          batch_size, device, amp)
-        my_images, image_tokens, image_feat = encode_images(model, split, batch_size, device, amp, num_workers)
+        substituted: list = []
+        my_images, image_tokens, image_feat = encode_images(model, split, batch_size, device, amp, num_workers,
+                                                            substituted)
+        if D.get_world_size() > 1:
+            every: list = [None] * D.get_world_size()
+            dist.all_gather_object(every, substituted)
+            substituted = [x for part in every for x in part]
         t_encode = time.perf_counter()
         sims = (image_feat.to(device) @ text_feat.float().T).float().cpu()  # [N, T]
         k_i2t, k_t2i = min(k, T), min(k, N)
@@ -273,7 +284,8 @@ def evaluate_retrieval(model, split, tokenizer, *, k: int = 256, score: str = "i
     finally:
         model.train(was_training)
 
-    result = RetrievalResult(metrics={}, k=k, score=score, num_images=N, num_texts=T, pairs_fused=pairs_fused)
+    result = RetrievalResult(metrics={}, k=k, score=score, num_images=N, num_texts=T, pairs_fused=pairs_fused,
+                             substituted=sorted(dict(substituted).items()))
     if rank == 0:
         if k == 0:
             s_i2t, s_t2i = sims, sims.T.contiguous()
