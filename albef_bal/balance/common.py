@@ -126,10 +126,21 @@ class PairSet:
                        None if labels is None else np.asarray(labels, dtype=np.int64))
 
 
-def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str) -> PairSet:
+def meta_label(meta: dict, name: str):
+    """A sample's label ``name`` from its annotation: a top-level field (``cls``) or a probe
+    target / attribute of the synthetic corpus (``probe.first_colour``, ``num_objects`` ...)."""
+    for where in (meta, meta.get("probe"), meta.get("attributes"), (meta.get("attributes") or {}).get("probe")):
+        if isinstance(where, dict) and name in where:
+            return where[name]
+    return None
+
+
+def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str,
+               label: str = "cls") -> PairSet:
     """The first ``samples`` images of a retrieval split (annotation JSON or shards) with their
-    first captions, at the model's resolution; labels from the ``cls`` field when every image
-    has one. ``key`` names the config setting in errors."""
+    first captions, at the model's resolution; labels from the ``label`` field (default
+    ``cls``; see :func:`meta_label`) when every image has an integer one. ``key`` names the
+    config setting in errors."""
     from ..data import build_tokenizer, iter_images, load_retrieval_split
     from ..data.retrieval import RetrievalSplit
     try:
@@ -148,8 +159,8 @@ def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     ids, mask = tokenizer.encode(sub.texts, cfg.data.max_len, cfg.data.add_sep)
     labels = None
-    cls = [m.get("cls") for m in sub.meta]
-    if cls and all(isinstance(c, int) for c in cls):
+    cls = [meta_label(m, label) for m in sub.meta]
+    if cls and all(isinstance(c, int) and not isinstance(c, bool) for c in cls):
         labels = np.asarray(cls, dtype=np.int64)
     log.info("%s: %d pairs from %s (%s)", key, n, path, "labelled" if labels is not None else "no labels")
     return PairSet(images, ids, mask, labels)
