@@ -434,6 +434,10 @@ class BalanceConfig:
     gblend: GBlendConfig = field(default_factory=GBlendConfig)
     mmpareto: MMParetoConfig = field(default_factory=MMParetoConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
+    # the unimodal loss of each branch for MMPareto and G-Blend: "itc" = its ITC half (the
+    # ALBEF adaptation); "ssl" = its feature-space loss of model.unimodal (a true unimodal
+    # loss, as in the methods' papers; needs model.unimodal.image and .text on)
+    unimodal_loss: Literal["itc", "ssl"] = "itc"
 
     def validate(self, key: str) -> None:
         for name in ("ogm_ge", "gblend", "mmpareto", "relearn"):
@@ -462,7 +466,7 @@ class MetaInitConfig:
     image_root: Optional[str] = None
     pool: int = 2000  # pairs read from the split (its first ones)
     # the label a task is balanced over: cls, or an attribute / probe target of the synthetic
-    # corpus (first_colour, first_shape, num_objects, relation, ...)
+    # corpus (its probe targets: anchor_colour, anchor_shape, num_objects, anchor_relation, ...)
     balance_by: str = "cls"
     shots: int = 8  # pairs per class in a task
     classes_per_task: int = 0  # classes drawn per task; 0 = all
@@ -530,6 +534,15 @@ class Config:
         if self.data.max_len > self.model.text.max_position:
             raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.text.max_position "
                               f"({self.model.text.max_position})")
+        if self.balance.unimodal_loss == "ssl":
+            if self.balance.method not in ("mmpareto", "gblend"):
+                raise ConfigError(f"balance.unimodal_loss=ssl is read by balance.method mmpareto and gblend only, "
+                                  f"not {self.balance.method!r}; leave it at itc")
+            u = self.model.unimodal
+            if u.image == "none" or u.text == "none":
+                raise ConfigError("balance.unimodal_loss=ssl takes each branch's unimodal loss from model.unimodal: "
+                                  f"set model.unimodal.image (now {u.image!r}) and model.unimodal.text (now "
+                                  f"{u.text!r})")
         if 0 < self.data.samples_per_epoch < self.train.micro_batch_size:
             raise ConfigError(f"data.samples_per_epoch ({self.data.samples_per_epoch}) is smaller than one "
                               f"micro batch (train.micro_batch_size={self.train.micro_batch_size})")

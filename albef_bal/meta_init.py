@@ -186,7 +186,7 @@ def meta_init(cfg: Config, world_size: int = 1) -> dict:
     if pool.labels is None:
         raise ConfigError(f"meta_init.balance_by={m.balance_by!r}: not every sample of {split} has an integer "
                           f"'{m.balance_by}' label (the synthetic corpus has cls and the probe targets, e.g. "
-                          "first_colour, first_shape, num_objects, relation)")
+                          "anchor_colour, anchor_shape, num_objects, anchor_relation)")
     batch_size = m.inner_batch or t.micro_batch_size
     rng = random.Random(t.seed)
     tasks = BalancedTasks(pool.labels, m.shots, m.classes_per_task, rng)

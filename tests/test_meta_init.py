@@ -85,10 +85,10 @@ def test_outer_step_interpolates_toward_the_task_weights(data_corpus, tmp_path):
 
 def test_written_weights_are_what_init_vision_and_init_text_load(data_corpus, tmp_path):
     out = str(tmp_path / "mi")
-    report = meta_init(_cfg(data_corpus, out, "meta_init.outer_steps=2", "meta_init.balance_by=first_colour",
+    report = meta_init(_cfg(data_corpus, out, "meta_init.outer_steps=2", "meta_init.balance_by=anchor_colour",
                             "model.unimodal.image=simsiam", "model.unimodal.simsiam.dim=16",
                             "model.unimodal.simsiam.pred_dim=4"))
-    assert report["tasks"]["balance_by"] == "first_colour" and len(report["tasks"]["classes"]) > 2
+    assert report["tasks"]["balance_by"] == "anchor_colour" and len(report["tasks"]["classes"]) > 2
     vision, text = _encoders(out)
     cfg = _cfg(data_corpus, str(tmp_path / "unused"), *report["use"])
     from albef_bal.engine.pretrain import prepare_text

@@ -309,3 +309,81 @@ def test_two_rank_run_with_unimodal_losses_resumes_exactly(tmp_path):
     assert r["max_diff"] < 1e-6, r  # every weight, head, momentum copy and queue entry
     assert r["logged"] == ["loss_uni_image", "loss_uni_text"]
     assert all(math.isfinite(x) for x in r["uni_image"] + r["uni_text"])
+
+
+# ------------------------------------------- balancing methods: balance.unimodal_loss
+def test_unimodal_loss_ssl_needs_mmpareto_or_gblend_and_both_losses():
+    with pytest.raises(ConfigError, match=r"balance\.unimodal_loss=ssl is read by balance\.method mmpareto and "
+                                          r"gblend only, not 'ogm_ge'"):
+        config("simsiam", "mlm", "balance.method=ogm_ge", "balance.unimodal_loss=ssl")
+    with pytest.raises(ConfigError, match=r"set model\.unimodal\.image \(now 'simsiam'\) and "
+                                          r"model\.unimodal\.text \(now 'none'\)"):
+        config("simsiam", "none", "balance.method=mmpareto", "balance.unimodal_loss=ssl")
+    assert config("simsiam", "mlm", "balance.method=gblend", "balance.unimodal_loss=ssl").balance.unimodal_loss == "ssl"
+
+
+@pytest.fixture(scope="module")
+def mmpareto_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mmpareto_uni")
+    workers.run_worker(os.path.join(HERE, "unimodal_worker.py"), "mmpareto", out, 1, [], port_base=29750)
+    return out
+
+
+@pytest.mark.parametrize("source", ["itc", "ssl"])
+def test_mmpareto_takes_its_unimodal_gradient_from_the_chosen_loss(mmpareto_runs, source):
+    """g_uni is the gradient of the branch's ITC half (itc) or of its weighted feature-space
+    loss (ssl): the unimodal head, which only that loss reaches, shows which one; and the
+    step's gradient is the Pareto combination of g_uni and the rest."""
+    from albef_bal.balance import mmpareto_combine_with_stats
+    r = torch.load(mmpareto_runs / source / "grads.pt", weights_only=False)
+    assert r["records"]
+    for rec in r["records"]:
+        for b, head in (("vision", "uni_image_head."), ("text", "uni_text_head.")):
+            names = r["branches"][b]
+            heads = [n for n in names if n.startswith(head)]
+            assert heads
+            for n in heads:
+                if source == "ssl":  # only the unimodal loss reaches the head: g_uni is all of it
+                    torch.testing.assert_close(rec["uni"][n], rec["before"][n], rtol=1e-5, atol=1e-8)
+                    assert rec["before"][n].abs().sum() > 0
+                else:  # the ITC half does not reach the head
+                    assert rec["uni"][n].abs().sum() == 0 and rec["before"][n].abs().sum() > 0
+            g_uni = [rec["uni"][n].double() for n in names]
+            g_mm = [rec["before"][n].double() - u for n, u in zip(names, g_uni)]
+            want, _ = mmpareto_combine_with_stats(g_mm, g_uni, gamma=1.5, rescale="tensor")
+            for n, w in zip(names, want):
+                torch.testing.assert_close(rec["after"][n].double(), w, rtol=1e-4,
+                                           atol=1e-6 * float(w.abs().max()) + 1e-9)
+
+
+def test_gblend_blends_the_chosen_unimodal_losses():
+    from albef_bal.balance.common import PairSet, measure_losses
+    from albef_bal.balance.gblend import GBlendHooks
+    cfg = config("simsiam", "mlm", "model.loss_weights.uni_image=0.5", "model.loss_weights.uni_text=2.0")
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model).eval()
+    images, ids, mask = batch()
+    out = model(images, ids, mask, update=False)
+    lw = cfg.model.loss_weights
+    h = GBlendHooks()
+    h.weights = dict(itc=lw.itc, itm=lw.itm, mlm=lw.mlm, uni_image=lw.uni_image, uni_text=lw.uni_text)
+    h.gcfg = cfg.balance.gblend
+    h.w = h._normalise([1.0, 1.0, 1.0])
+    for source in ("itc", "ssl"):  # equal weights: the trainer's own total either way
+        h.unimodal_loss = source
+        torch.testing.assert_close(h.loss(out, None), out.total(**h.weights))
+    h.w = h._normalise([3.0, 0.0, 0.0])
+    h.unimodal_loss = "itc"  # the unimodal feature-space losses stay in, unblended
+    torch.testing.assert_close(h.loss(out, None), 1.5 * out.loss_i2t + 0.5 * out.loss_uni_image
+                               + 2.0 * out.loss_uni_text)
+    h.unimodal_loss = "ssl"
+    torch.testing.assert_close(h.loss(out, None), 3 * 0.5 * out.loss_uni_image)
+    h.w = h._normalise([0.0, 0.0, 3.0])
+    torch.testing.assert_close(h.loss(out, None), 3 * (out.loss_itc + out.loss_itm + out.loss_mlm))
+    # held-out measurements: [image SSL, text SSL, ITC + ITM + MLM] (unweighted)
+    pairs = PairSet(images, ids, mask)
+    m = measure_losses(model, pairs, 8, 0.0, seed=3, unimodal="ssl")
+    torch.manual_seed(3)
+    ref = model(images, ids, mask, alpha=0.0, update=False)
+    expected = [ref.loss_uni_image, ref.loss_uni_text, ref.loss_itc + ref.loss_itm + ref.loss_mlm]
+    torch.testing.assert_close(m.float(), torch.stack(expected).float().detach(), rtol=1e-5, atol=1e-6)

@@ -39,6 +39,29 @@ def resume(out, args):
         "uni_image": [r["loss_uni_image"] for r in rows], "uni_text": [r["loss_uni_text"] for r in rows]})
 
 
+def mmpareto(out, args):
+    """MMPareto with image SimSiam + text MLM on, once per ``balance.unimodal_loss`` (itc, ssl):
+    the gradients before and after the method's step edit, and its g_uni (one process)."""
+    import torch
+    from balance_worker import BatchSeededALBEF, GlobalPairs, Snapshot
+    from balance_worker import make_cfg as balance_cfg
+    from albef_bal.balance import build_balancer
+    from albef_bal.engine.trainer import Trainer
+    for source in ("itc", "ssl"):
+        d = os.path.join(out, source)
+        cfg = balance_cfg(d, "mmpareto", "train.zero_stage=2", "train.grad_accum=2", "train.max_steps=2",
+                          f"balance.unimodal_loss={source}", "model.unimodal.image=simsiam",
+                          "model.unimodal.text=mlm", "model.unimodal.simsiam.dim=32",
+                          "model.unimodal.simsiam.pred_dim=8", "model.loss_weights.uni_image=0.5",
+                          "model.loss_weights.uni_text=2.0")
+        torch.manual_seed(cfg.train.seed)
+        hooks = Snapshot(build_balancer(cfg))
+        t = Trainer(cfg, BatchSeededALBEF(cfg.model), GlobalPairs(cfg, 4), hooks).setup()
+        t.run()
+        branches = {b: [n for n, _ in named] for b, named in t.module.branch_parameters().items()}
+        torch.save({"records": hooks.records, "branches": branches}, os.path.join(d, "grads.pt"))
+
+
 if __name__ == "__main__":
     from workers import worker_main
     worker_main(globals())
