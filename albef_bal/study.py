@@ -39,13 +39,17 @@ def method_overrides(method: str, data_dir: str) -> list[str]:
 
 
 def method_config(method: str) -> Optional[str]:
-    """The preset of a balancing method (``configs/balance/<method>.yaml``); none for the baseline."""
+    """The preset of a study row: a balancing method (``configs/balance/<method>.yaml``, e.g.
+    ``mmpareto_ssl``) or a unimodal-loss option (``configs/unimodal/<method>.yaml``, e.g.
+    ``image_simsiam``, ``both``); none for the baseline."""
     if method == "none":
         return None
-    path = os.path.join(REPO, "configs", "balance", f"{method}.yaml")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no preset for balance method {method!r}: {path} is missing")
-    return path
+    for folder in ("balance", "unimodal"):
+        path = os.path.join(REPO, "configs", folder, f"{method}.yaml")
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no preset for study row {method!r}: neither configs/balance/{method}.yaml nor "
+                            f"configs/unimodal/{method}.yaml exists")
 
 
 def measure_run(run_dir: str, val_split: str, test_split: str, tokenizer_path: str, k_test: int) -> dict:

@@ -387,3 +387,29 @@ def test_gblend_blends_the_chosen_unimodal_losses():
     ref = model(images, ids, mask, alpha=0.0, update=False)
     expected = [ref.loss_uni_image, ref.loss_uni_text, ref.loss_itc + ref.loss_itm + ref.loss_mlm]
     torch.testing.assert_close(m.float(), torch.stack(expected).float().detach(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- presets
+def test_presets_load_on_top_of_the_study_config_and_the_study_finds_them():
+    import glob
+    from albef_bal import study
+    from albef_bal.config import load_config
+    root = os.path.dirname(HERE)
+    presets = sorted(glob.glob(os.path.join(root, "configs", "unimodal", "*.yaml")))
+    assert {os.path.basename(p) for p in presets} >= {"image_simsiam.yaml", "image_simclr.yaml", "text_mlm.yaml",
+                                                      "text_simcse.yaml", "both.yaml"}
+    study_cfg = os.path.join(root, "configs", "study", "tiny.yaml")
+    for path in presets:
+        cfg = load_config([study_cfg, path])
+        assert cfg.model.unimodal.enabled, path
+        name = os.path.basename(path)[:-5]
+        assert study.method_config(name) == path
+    both = load_config([study_cfg, os.path.join(root, "configs", "unimodal", "both.yaml")])
+    assert (both.model.unimodal.image, both.model.unimodal.text) == ("simsiam", "mlm")
+    ssl = load_config([study_cfg, study.method_config("mmpareto_ssl")])
+    assert ssl.balance.method == "mmpareto" and ssl.balance.unimodal_loss == "ssl"
+    meta = load_config([study_cfg, os.path.join(root, "configs", "meta_init", "tiny.yaml")])
+    from albef_bal.meta_init import compute_accounting
+    assert compute_accounting(meta, world_size=2)["pretrain_step_equivalents"] == 100
+    with pytest.raises(FileNotFoundError, match="no preset for study row 'byol'"):
+        study.method_config("byol")
