@@ -24,7 +24,8 @@ process's peak resident set size, reset before each configuration), analytic tra
 per pair and, on a known GPU, the model FLOPs utilisation. ``--balance`` always measures
 ``none`` as well and reports each method's step time relative to it; ``--unimodal`` (pairs
 ``image:text`` of ``model.unimodal``, e.g. ``simsiam:none,none:mlm``) likewise always
-measures ``none:none`` and reports each pair relative to it. ``--interleave``
+measures ``none:none``; every method runs with every pair the config accepts, and a method
+written ``mmpareto:ssl`` or ``gblend:ssl`` sets ``balance.unimodal_loss=ssl``. ``--interleave``
 builds every configuration first and alternates them step by step, so that a machine whose
 load changes affects all of them alike (use it for A/B ratios on a shared machine; the
 peak memory then includes every configuration's state).
@@ -326,17 +327,23 @@ def main(argv=None) -> int:
     if any(u.count(":") != 1 for u in unimodal):
         p.error("--unimodal takes image:text pairs, e.g. simsiam:none,none:mlm")
     unimodal = ["none:none"] + [u for u in unimodal if u != "none:none"]
-    combos = [(b, pr, m, u) for b, pr, m in itertools.product(batches, precisions, methods) for u in unimodal
-              if m == "none" or u == "none:none"]
+    # every method with every unimodal pair, except what the config refuses (a method named
+    # "mmpareto:ssl" sets balance.unimodal_loss=ssl, which needs both unimodal losses on)
+    combos = list(itertools.product(batches, precisions, methods, unimodal))
     runs = []
     for i, (batch, precision, method, uni) in enumerate(combos):
         out_dir = os.path.join(out_root, str(i))
         image, text = uni.split(":")
+        name, _, source = method.partition(":")
+        extra = [f"model.unimodal.image={image}", f"model.unimodal.text={text}"]
+        if source:
+            extra.append(f"balance.unimodal_loss={source}")
         try:
-            cfg = make_config(args, args.size, batch, precision, method, out_dir,
-                              extra=[f"model.unimodal.image={image}", f"model.unimodal.text={text}"])
+            cfg = make_config(args, args.size, batch, precision, name, out_dir, extra=extra)
             build_balancer(cfg)  # an unknown method, or one without hooks here, fails before any timing
         except ConfigError as e:
+            if "unimodal" in str(e) and (method != "none" or uni != "none:none"):
+                continue  # a combination the config refuses (e.g. ssl without both unimodal losses)
             p.error(f"--balance {method}: {e}" if "balance" in str(e) else str(e))
         data = make_batch(cfg, batch, cfg.data.max_len)
         runs.append(dict(cfg=cfg, batch=batch, precision=precision, balance=method, unimodal=uni, data=data,

@@ -68,6 +68,8 @@ class ALBEFOutput:
         loss = itc * self.loss_itc + itm * self.loss_itm
         if self.loss_mlm is not None:
             loss = loss + mlm * self.loss_mlm
+        if self.loss_uni_image is None and self.loss_uni_text is None:
+            return loss
         return loss + self.unimodal(uni_image, uni_text)
 
     def unimodal(self, uni_image: float = 1.0, uni_text: float = 1.0):
