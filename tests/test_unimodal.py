@@ -13,7 +13,7 @@ from albef_bal.checkpoints import export_model, load_pretrained
 from albef_bal.config import ConfigError
 from albef_bal.data.transforms import CLIP_MEAN, CLIP_STD
 from albef_bal.models import ALBEF
-from albef_bal.models.unimodal import augment_view, simclr_loss
+from albef_bal.models.unimodal import augment_view, simclr_loss, simcse_loss
 from tiny import tiny_batch, tiny_config
 import workers
 
@@ -138,6 +138,12 @@ def test_simclr_loss_by_hand():
             den += sum(math.exp(float(a[i] @ a[j]) / t) for j in range(3) if j != i)
             total += -math.log(pos / den)
     assert float(simclr_loss(q, k, t)) == pytest.approx(total / 6, rel=1e-5)
+    # SimCSE: row i of view 1 against every row of view 2, cosine / temperature
+    z1, z2 = torch.randn(3, 5), torch.randn(3, 5)
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    want = sum(-math.log(math.exp(cos(z1[i], z2[i]) / 0.05) / sum(math.exp(cos(z1[i], z2[j]) / 0.05)
+                                                                 for j in range(3))) for i in range(3)) / 3
+    assert float(simcse_loss(z1, z2, 0.05)) == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("image, text", [("simsiam", "mlm"), ("simclr", "simcse")])

@@ -125,9 +125,10 @@ def simclr_loss(q_a: torch.Tensor, q_b: torch.Tensor, temperature: float) -> tor
 def simcse_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """Unsupervised SimCSE: row i of view 1 against every sample of view 2 (all ranks),
     cosine similarity / temperature, cross-entropy with the same sentence as the target."""
-    k1, offset = gather_with_local_grad(z1)
+    k1, _ = gather_with_local_grad(z1)
     k2, _ = gather_with_local_grad(z2)
-    sim = F.cosine_similarity(k1[:, None, :], k2[None, :, :], dim=-1) / temperature
+    # cosine similarity as a product of normalised rows: an N x N matrix, not N x N x D
+    sim = F.normalize(k1, dim=-1, eps=1e-8) @ F.normalize(k2, dim=-1, eps=1e-8).t() / temperature
     labels = torch.arange(k1.shape[0], device=z1.device)
     return F.cross_entropy(sim, labels)
 
