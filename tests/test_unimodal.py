@@ -170,7 +170,7 @@ def test_each_loss_is_finite_and_decreases_on_a_tiny_run(image, text):
 def test_batch_of_one_gives_a_zero_image_loss_instead_of_a_batch_norm_error():
     model = build("simsiam")
     out = model(*batch(size=1))
-    assert float(out.loss_uni_image) == 0.0
+    assert float(out.loss_uni_image.detach()) == 0.0
     out.total().backward()
 
 
@@ -311,7 +311,7 @@ def test_official_checkpoint_loads_into_a_model_with_heads(tmp_path):
 def test_two_rank_run_with_unimodal_losses_resumes_exactly(tmp_path):
     workers.run_worker(os.path.join(HERE, "unimodal_worker.py"), "resume", tmp_path, 2, [], port_base=29700)
     r = json.loads((tmp_path / "result.json").read_text())
-    assert r["first"] == "preempted" and r["resumed_from"] == 3 and r["final_step"] == 8
+    assert r["first"] == "preempted" and r["resumed_from"] == r["first_step"] < 8 and r["final_step"] == 8
     assert r["max_diff"] < 1e-6, r  # every weight, head, momentum copy and queue entry
     assert r["logged"] == ["loss_uni_image", "loss_uni_text"]
     assert all(math.isfinite(x) for x in r["uni_image"] + r["uni_text"])

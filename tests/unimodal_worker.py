@@ -18,7 +18,7 @@ UNIMODAL = ("model.unimodal.image=simsiam", "model.unimodal.text=simcse", "model
 
 def resume(out, args):
     """Image SimSiam + text SimCSE (random views and dropout) under ZeRO 2 with accumulation:
-    8 uninterrupted steps == 3 steps, pre-emption, resume, the other 5."""
+    8 uninterrupted steps == a run pre-empted after step 3, resumed, finished."""
     common = ("train.zero_stage=2", "train.grad_accum=2", "train.max_steps=8", "train.save_every=0", *UNIMODAL)
     a = trainer(make_cfg(os.path.join(out, "a"), *common))
     a.run()
@@ -34,7 +34,8 @@ def resume(out, args):
             rows = [json.loads(line) for line in f]
     rows = [r for r in rows if "loss" in r]
     write(out, "result.json", {
-        "max_diff": max_diff(full, flat_state(c.module)), "first": first["outcome"], "resumed_from": resumed_from,
+        "max_diff": max_diff(full, flat_state(c.module)), "first": first["outcome"], "first_step": first["step"],
+        "resumed_from": resumed_from,
         "final_step": second["step"], "logged": sorted(k for k in rows[0] if k.startswith("loss_uni_")) if rows else [],
         "uni_image": [r["loss_uni_image"] for r in rows], "uni_text": [r["loss_uni_text"] for r in rows]})
 
