@@ -83,10 +83,13 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)  # known-unused (tied copies, pooler, ...)
     resized: list[str] = field(default_factory=list)  # position embeddings interpolated
     skipped: list[str] = field(default_factory=list)  # shape mismatch that cannot be adapted
+    # in the model, not in the checkpoint, and new by design: the unimodal heads
+    # (model.unimodal), which no official checkpoint has; they keep their initialisation
+    new: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
-        for name in ("missing", "unexpected", "skipped", "resized", "ignored"):
+        for name in ("missing", "new", "unexpected", "skipped", "resized", "ignored"):
             keys = getattr(self, name)
             if keys:
                 lines.append(f"{name} ({len(keys)}): {_summarise(keys)}")
@@ -104,15 +107,21 @@ def _summarise(keys: Sequence[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
+# heads of the unimodal losses (model.unimodal): absent from official checkpoints by design
+NEW_HEAD_PREFIXES = ("uni_image_head.", "uni_text_head.")
+
+
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], ignored: Iterable[str] = ()) -> LoadReport:
     """Copy matching tensors into ``module``; resize ViT position embeddings whose grid
-    differs; report the rest. Never raises on a mismatch: the report says what happened."""
+    differs; report the rest. Never raises on a mismatch: the report says what happened.
+    Unimodal heads that the checkpoint lacks are reported as ``new``; heads that the
+    checkpoint has and the model lacks (their loss is off here) as ``unexpected``."""
     report = LoadReport(ignored=list(ignored))
     own = module.state_dict()
     with torch.no_grad():
         for key, target in own.items():
             if key not in state:
-                report.missing.append(key)
+                (report.new if key.startswith(NEW_HEAD_PREFIXES) else report.missing).append(key)
                 continue
             value = state[key]
             if value.shape != target.shape:
@@ -416,6 +425,9 @@ def load_pretrained(path: str, config: Optional[str] = None, overrides: Sequence
         cfg.data.add_sep = False
     if retrieval is not None:
         cfg.model.retrieval = retrieval
+        if retrieval and cfg.model.unimodal.text == "mlm":
+            # a retrieval model masks no captions: the unimodal MLM head is reported unused
+            cfg.model.unimodal.text = "none"
     if image_res is not None:
         cfg.model.image_res = image_res
     cfg.validate()

@@ -476,8 +476,38 @@ def run_gblend_estimate(args) -> int:
     return 0 if result["outcome"] == "finished" else 1
 
 
+# -------------------------------------------------------------------- meta-init
+def add_meta_init(sub) -> None:
+    p = sub.add_parser(
+        "meta-init", help="meta-learn a balanced initialisation of both encoders (Reptile / first-order MAML)",
+        description="Run a first-order meta-learning outer loop (meta_init.algorithm: reptile or fomaml) over short "
+                    "ALBEF runs on small class-balanced tasks drawn from the corpus (meta_init.balance_by), and write "
+                    "the encoders as OUT/vision.safetensors and OUT/text/ for model.init_vision and model.init_text. "
+                    "Takes the same --config/--set as pretrain; settings in the meta_init section.")
+    add_config_args(p, required=True)
+    p.add_argument("--out", help="output directory; shortcut for --set meta_init.output_dir=DIR")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="ranks of the pretraining runs it is compared with (compute accounting only; default 1)")
+    p.set_defaults(func=run_meta_init)
+
+
+def run_meta_init(args) -> int:
+    from .config import load_config
+    from .engine.pretrain import setup_logging
+    from .meta_init import meta_init
+    setup_logging()
+    overrides = list(args.overrides) + ([f"meta_init.output_dir={args.out}"] if args.out else [])
+    report = meta_init(load_config(args.config, overrides), world_size=args.ranks)
+    c = report["compute"]
+    print(f"meta-init ({report['algorithm']}): {c['outer_steps']} outer x {c['tasks_per_step']} task(s) x "
+          f"{c['inner_steps']} inner steps x {c['inner_batch']} pairs = {c['pairs']} pairs = "
+          f"{c['pretrain_step_equivalents']:g} pretraining steps of {c['pretrain_global_batch']} pairs")
+    print("start a run from it with: " + " ".join(f"--set {u}" for u in report["use"]))
+    return 0
+
+
 SUBCOMMANDS = [add_convert, add_pretrain, add_evaluate, add_finetune, add_embed, add_search, add_demo, add_study,
-               add_diagnose, add_validate_score, add_plot_balance, add_gblend_estimate]
+               add_diagnose, add_validate_score, add_plot_balance, add_gblend_estimate, add_meta_init]
 
 
 def build_parser() -> argparse.ArgumentParser:

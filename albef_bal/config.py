@@ -97,6 +97,74 @@ class LossWeights:
     itc: float = 1.0
     itm: float = 1.0
     mlm: float = 1.0
+    # unimodal feature-space losses (model.unimodal); used only when that loss is on
+    uni_image: float = 1.0
+    uni_text: float = 1.0
+
+
+@dataclass
+class ViewAugmentConfig:
+    """The second image view of ``model.unimodal.image``: tensor ops on the normalised batch,
+    each image with its own random strengths. Nothing here moves, crops, flips or recolours
+    an object, so a caption that names positions, sizes and colours stays true."""
+    noise: float = 0.04  # Gaussian pixel noise std, drawn uniformly in [0, noise] (share of the 0-1 range)
+    blur: float = 0.6  # Gaussian blur sigma in pixels, drawn uniformly in [0, blur]
+    brightness: float = 0.1  # pixel values x factor in [1 - b, 1 + b]
+    contrast: float = 0.1  # distance from the image mean x factor in [1 - c, 1 + c]
+
+    def validate(self, key: str) -> None:
+        for name in ("noise", "blur", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("brightness", "contrast"):
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"{key}.{name} must be < 1 (a factor in [1 - x, 1 + x]), got {getattr(self, name)}")
+        if self.noise == self.blur == self.brightness == self.contrast == 0:
+            raise ConfigError(f"{key}: every augmentation strength is 0, so the two views would be identical")
+
+
+@dataclass
+class SimSiamConfig:
+    dim: int = 2048  # projector output (SimSiam: 2048)
+    pred_dim: int = 512  # predictor bottleneck (SimSiam: 512)
+
+
+@dataclass
+class SimCLRConfig:
+    mlp_dim: int = 4096  # hidden width of the 3-layer head (SLIP: 4096)
+    dim: int = 256  # output width (SLIP: 256)
+    temperature: float = 0.1  # SLIP: 0.1
+
+
+@dataclass
+class SimCSEConfig:
+    temperature: float = 0.05  # SimCSE: 0.05
+
+
+@dataclass
+class UnimodalConfig:
+    """Feature-space losses per tower (albef_bal/models/unimodal.py). ``none`` adds nothing:
+    no parameters, no work, the same outputs as without this section."""
+    image: Literal["none", "simsiam", "simclr"] = "none"
+    text: Literal["none", "mlm", "simcse"] = "none"
+    # "clean+aug": the first view is the training image itself, whose features the ITC pass
+    # already computed (one extra image pass); "aug+aug": two augmented views (two passes)
+    views: Literal["clean+aug", "aug+aug"] = "clean+aug"
+    augment: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    simcse: SimCSEConfig = field(default_factory=SimCSEConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return self.image != "none" or self.text != "none"
+
+    def validate(self, key: str) -> None:
+        if self.image != "none":
+            self.augment.validate(f"{key}.augment")
+        _positive(self.simsiam, f"{key}.simsiam", "dim", "pred_dim")
+        _positive(self.simclr, f"{key}.simclr", "mlp_dim", "dim", "temperature")
+        _positive(self.simcse, f"{key}.simcse", "temperature")
 
 
 @dataclass
@@ -115,6 +183,7 @@ class ModelConfig:
     # retrieval fine-tuning model: image-id positives, id queue, no MLM
     retrieval: bool = False
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    unimodal: UnimodalConfig = field(default_factory=UnimodalConfig)
     # recompute ViT/BERT layer activations in backward (saves memory, costs ~30% time)
     grad_checkpointing: bool = False
     # optional initial weights: an HF BERT directory for the text encoder, a timm/DeiT
@@ -140,6 +209,13 @@ class ModelConfig:
         if self.text.fusion_layer == self.text.layers:
             raise ConfigError(f"{key}.text.fusion_layer equals {key}.text.layers ({self.text.layers}): "
                               "ALBEF needs at least one fusion (cross-attention) layer")
+        self.unimodal.validate(f"{key}.unimodal")
+        if self.unimodal.text == "mlm" and self.retrieval:
+            raise ConfigError(f"{key}.unimodal.text=mlm needs the masked captions of pretraining; the retrieval "
+                              f"model ({key}.retrieval=true) has no MLM: use simcse or none")
+        if self.unimodal.text == "simcse" and self.text.dropout == 0:
+            raise ConfigError(f"{key}.unimodal.text=simcse takes its two views from dropout, but "
+                              f"{key}.text.dropout is 0: the views would be identical")
 
 
 @dataclass
@@ -372,6 +448,10 @@ class BalanceConfig:
     gblend: GBlendConfig = field(default_factory=GBlendConfig)
     mmpareto: MMParetoConfig = field(default_factory=MMParetoConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
+    # the unimodal loss of each branch for MMPareto and G-Blend: "itc" = its ITC half (the
+    # ALBEF adaptation); "ssl" = its feature-space loss of model.unimodal (a true unimodal
+    # loss, as in the methods' papers; needs model.unimodal.image and .text on)
+    unimodal_loss: Literal["itc", "ssl"] = "itc"
 
     def validate(self, key: str) -> None:
         for name in ("ogm_ge", "gblend", "mmpareto", "relearn"):
@@ -379,6 +459,50 @@ class BalanceConfig:
         _positive(self, key, "score_every")
         if self.score_samples < 2:
             raise ConfigError(f"{key}.score_samples must be >= 2, got {self.score_samples}")
+
+
+@dataclass
+class MetaInitConfig:
+    """``albef-bal meta-init``: a first-order meta-learned initialisation (albef_bal/meta_init.py).
+    Every outer step trains copies of the model for ``inner_steps`` ALBEF steps on each of
+    ``tasks_per_step`` small class-balanced tasks and moves the weights toward the result."""
+    # "reptile" (Nichol et al. 2018): theta += eps * mean(theta_task - theta);
+    # "fomaml": theta += eps * mean(last inner update of each task) (first-order MAML as the
+    # Reptile authors code it)
+    algorithm: Literal["reptile", "fomaml"] = "reptile"
+    outer_steps: int = 100
+    tasks_per_step: int = 1  # Reptile's meta batch
+    inner_steps: int = 8
+    inner_batch: int = 0  # pairs per inner step; 0 = train.micro_batch_size
+    inner_lr: Optional[float] = None  # None = train.lr
+    inner_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # the Reptile authors' Adam: beta1 = 0
+    meta_step: float = 1.0  # eps, annealed linearly to meta_step_final over the outer steps
+    meta_step_final: float = 0.0
+    # where tasks come from (a retrieval split: annotation JSON or shards; default data.train_shards)
+    split: Optional[str] = None
+    image_root: Optional[str] = None
+    pool: int = 2000  # pairs read from the split (its first ones)
+    # the label a task is balanced over: cls, or an attribute / probe target of the synthetic
+    # corpus (its probe targets: anchor_colour, anchor_shape, num_objects, anchor_relation, ...)
+    balance_by: str = "cls"
+    shots: int = 8  # pairs per class in a task
+    classes_per_task: int = 0  # classes drawn per task; 0 = all
+    alpha: float = 0.0  # distillation weight in the inner runs (ALBEF starts its ramp at 0)
+    output_dir: str = "runs/meta_init"
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "outer_steps", "tasks_per_step", "inner_steps", "pool", "shots", "meta_step")
+        if self.inner_batch < 0 or self.classes_per_task < 0:
+            raise ConfigError(f"{key}.inner_batch and {key}.classes_per_task must be >= 0")
+        if self.inner_lr is not None and self.inner_lr <= 0:
+            raise ConfigError(f"{key}.inner_lr must be > 0 (or null for train.lr), got {self.inner_lr}")
+        if len(self.inner_betas) != 2 or not all(0 <= b < 1 for b in self.inner_betas):
+            raise ConfigError(f"{key}.inner_betas must be two numbers in [0, 1), got {self.inner_betas}")
+        if not 0 <= self.meta_step_final <= self.meta_step <= 1:
+            raise ConfigError(f"{key}: need 0 <= meta_step_final <= meta_step <= 1, got "
+                              f"{self.meta_step_final} and {self.meta_step}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{key}.alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclass
@@ -448,6 +572,7 @@ class Config:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    meta_init: MetaInitConfig = field(default_factory=MetaInitConfig)
 
     def validate(self) -> "Config":
         """Check every section and the combinations across them; return self."""
@@ -461,6 +586,15 @@ class Config:
         if self.diagnose.every and not (self.diagnose.split or self.data.val_split):
             raise ConfigError("diagnose.every is set but neither diagnose.split nor data.val_split names a held-out "
                               "split to diagnose on")
+        if self.balance.unimodal_loss == "ssl":
+            if self.balance.method not in ("mmpareto", "gblend"):
+                raise ConfigError(f"balance.unimodal_loss=ssl is read by balance.method mmpareto and gblend only, "
+                                  f"not {self.balance.method!r}; leave it at itc")
+            u = self.model.unimodal
+            if u.image == "none" or u.text == "none":
+                raise ConfigError("balance.unimodal_loss=ssl takes each branch's unimodal loss from model.unimodal: "
+                                  f"set model.unimodal.image (now {u.image!r}) and model.unimodal.text (now "
+                                  f"{u.text!r})")
         if 0 < self.data.samples_per_epoch < self.train.micro_batch_size:
             raise ConfigError(f"data.samples_per_epoch ({self.data.samples_per_epoch}) is smaller than one "
                               f"micro batch (train.micro_batch_size={self.train.micro_batch_size})")

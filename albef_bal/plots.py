@@ -2,7 +2,8 @@
 
 ``plot_run(run_dir)`` writes into ``run_dir/plots/``:
 
-- ``losses.png``: total loss and its parts (ITC and its two halves, ITM, MLM);
+- ``losses.png``: total loss and its parts (ITC and its two halves, ITM, MLM), and the
+  unimodal losses (``model.unimodal``) in a panel of their own where logged;
 - ``lr.png``: the learning rate (per parameter group where groups differ, e.g. OGM-GE's lr mode);
 - ``balance.png``: branch scores s_v and s_t, their ratio rho_v = s_v / s_t, and the
   per-branch gradient norms (logged for every method, ``none`` included);
@@ -25,6 +26,8 @@ from collections import defaultdict
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_i2t", "loss_t2i", "loss_itm", "loss_mlm")
 UPDATE_PANEL = "relative update ||dθ|| / ||θ|| per log window"
+# SimSiam's loss lives in [-1, 1], far below the others: a panel of its own
+UNIMODAL_KEYS = ("loss_uni_image", "loss_uni_text")
 METHOD_PREFIXES = {"ogm": "OGM-GE", "gblend": "Gradient Blending", "mmpareto": "MMPareto",
                    "relearn": "Diagnosing & Re-learning"}
 
@@ -108,6 +111,9 @@ def plot_run(run_dir: str) -> list[str]:
     if losses:
         panels = {"total": {"loss": losses["loss"]}} if "loss" in losses else {}
         panels["parts"] = {k: v for k, v in losses.items() if k != "loss"}
+        unimodal = {k: s[k] for k in UNIMODAL_KEYS if k in s}
+        if unimodal:
+            panels["unimodal"] = unimodal
         panels = {k: v for k, v in panels.items() if v}
         written.append(_draw(os.path.join(out_dir, "losses.png"), f"{name}: losses", panels))
     lrs = {k: v for k, v in s.items() if k == "lr" or k.startswith("lr/")}

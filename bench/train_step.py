@@ -3,7 +3,8 @@
 
     python bench/train_step.py --size bench-small|albef-base [--batch N[,N...]]
         [--precision fp32|bf16|fp16[,...]] [--zero N] [--balance METHOD[,METHOD...]]
-        [--threads N] [--warmup 3] [--steps 10] [--interleave] [--set KEY=VALUE ...]
+        [--unimodal IMAGE:TEXT[,IMAGE:TEXT...]] [--threads N] [--warmup 3] [--steps 10] [--interleave]
+        [--set KEY=VALUE ...]
 
 A step is what the trainer does per optimizer step with ``grad_accum=1``: the model's
 forward (ITC + ITM + MLM with the momentum update and the queue), the balancing hooks'
@@ -21,7 +22,10 @@ median step time over ``--steps`` timed steps after ``--warmup`` steps, pairs pe
 peak memory (GPU: ``torch.cuda.max_memory_allocated`` during the timed steps; CPU: the
 process's peak resident set size, reset before each configuration), analytic training FLOPs
 per pair and, on a known GPU, the model FLOPs utilisation. ``--balance`` always measures
-``none`` as well and reports each method's step time relative to it. ``--interleave``
+``none`` as well and reports each method's step time relative to it; ``--unimodal`` (pairs
+``image:text`` of ``model.unimodal``, e.g. ``simsiam:none,none:mlm``) likewise always
+measures ``none:none``; every method runs with every pair the config accepts, and a method
+written ``mmpareto:ssl`` or ``gblend:ssl`` sets ``balance.unimodal_loss=ssl``. ``--interleave``
 builds every configuration first and alternates them step by step, so that a machine whose
 load changes affects all of them alike (use it for A/B ratios on a shared machine; the
 peak memory then includes every configuration's state).
@@ -280,7 +284,7 @@ def peak_flops(device: torch.device, precision: str):
 
 
 def make_config(args, size: str, batch: int, precision: str, balance: str, out_dir: str,
-                pkg: str = "albef_bal"):
+                pkg: str = "albef_bal", extra: tuple = ()):
     from importlib import import_module
     load_config = import_module(f"{pkg}.config").load_config
     overrides = list(SIZES[size]["overrides"]) + [
@@ -292,7 +296,7 @@ def make_config(args, size: str, batch: int, precision: str, balance: str, out_d
         overrides.append(f"train.zero_stage={args.zero}")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    return load_config(SIZES[size].get("config"), overrides + list(args.set))
+    return load_config(SIZES[size].get("config"), overrides + list(extra) + list(args.set))
 
 
 def main(argv=None) -> int:
@@ -302,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16; comma-separated for several")
     p.add_argument("--zero", type=int, default=None, help="run the DeepSpeed engine at this ZeRO stage")
     p.add_argument("--balance", default="none", help="balancing method(s); 'none' is always measured too")
+    p.add_argument("--unimodal", default="none:none",
+                   help="unimodal losses as image:text pairs (model.unimodal), e.g. simsiam:none,none:mlm; "
+                        "'none:none' is always measured too")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 2 on CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -328,17 +335,31 @@ def main(argv=None) -> int:
         p.error("fp16 autocast on CPU is not supported by DeepSpeed's engine; use bf16")
 
     out_root = tempfile.mkdtemp(prefix="albef_bench_")
-    combos = list(itertools.product(batches, precisions, methods))
+    unimodal = [u for u in args.unimodal.split(",") if u]
+    if any(u.count(":") != 1 for u in unimodal):
+        p.error("--unimodal takes image:text pairs, e.g. simsiam:none,none:mlm")
+    unimodal = ["none:none"] + [u for u in unimodal if u != "none:none"]
+    # every method with every unimodal pair, except what the config refuses (a method named
+    # "mmpareto:ssl" sets balance.unimodal_loss=ssl, which needs both unimodal losses on)
+    combos = list(itertools.product(batches, precisions, methods, unimodal))
     runs = []
-    for i, (batch, precision, method) in enumerate(combos):
+    for i, (batch, precision, method, uni) in enumerate(combos):
         out_dir = os.path.join(out_root, str(i))
+        image, text = uni.split(":")
+        name, _, source = method.partition(":")
+        extra = [f"model.unimodal.image={image}", f"model.unimodal.text={text}"]
+        if source:
+            extra.append(f"balance.unimodal_loss={source}")
         try:
-            cfg = make_config(args, args.size, batch, precision, method, out_dir)
+            cfg = make_config(args, args.size, batch, precision, name, out_dir, extra=extra)
             build_balancer(cfg)  # an unknown method, or one without hooks here, fails before any timing
         except ConfigError as e:
+            if "unimodal" in str(e) and (method != "none" or uni != "none:none"):
+                continue  # a combination the config refuses (e.g. ssl without both unimodal losses)
             p.error(f"--balance {method}: {e}" if "balance" in str(e) else str(e))
         data = make_batch(cfg, batch, cfg.data.max_len)
-        runs.append(dict(cfg=cfg, batch=batch, precision=precision, balance=method, data=data, times=[]))
+        runs.append(dict(cfg=cfg, batch=batch, precision=precision, balance=method, unimodal=uni, data=data,
+                         times=[]))
 
     def start(run):
         tr = build_trainer(run["cfg"], run["data"], args.zero, device)
@@ -355,7 +376,7 @@ def main(argv=None) -> int:
         cfg = run["cfg"]
         fl = train_flops_per_pair(cfg, cfg.data.max_len)
         row = {"size": args.size, "batch": run["batch"], "precision": run["precision"],
-               "balance": run["balance"], "zero": args.zero, "engine": "deepspeed" if args.zero is not None else "torch",
+               "balance": run["balance"], "unimodal": run["unimodal"], "zero": args.zero, "engine": "deepspeed" if args.zero is not None else "torch",
                "device": device_name(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
                "pairs_per_s": round(run["batch"] / med, 2), "median_step_s": round(med, 4),
                "min_step_s": round(min(times), 4), "steps": len(times), "peak_mem_mb": round(peak, 1),
@@ -388,10 +409,11 @@ def main(argv=None) -> int:
             finish(r, tr, peak_mb(device))
             del tr
 
-    base = {(r["batch"], r["precision"]): r["row"]["median_step_s"] for r in runs if r["balance"] == "none"}
+    base = {(r["batch"], r["precision"]): r["row"]["median_step_s"] for r in runs
+            if r["balance"] == "none" and r["unimodal"] == "none:none"}
     for r in runs:
         row = r["row"]
-        if len(methods) > 1:
+        if len(methods) > 1 or len(unimodal) > 1:
             row["step_time_vs_none"] = round(row["median_step_s"] / base[(r["batch"], r["precision"])], 3)
         print(json.dumps(row), flush=True)
     return 0

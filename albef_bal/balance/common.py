@@ -89,6 +89,33 @@ class BalanceHooks(TrainHooks):
         return values
 
 
+def branch_losses(out, weights: Optional[dict], unimodal: str = "itc"):
+    """(vision unimodal, text unimodal, multimodal, rest) losses of one forward, as MMPareto and
+    G-Blend divide ALBEF's objective (``balance.unimodal_loss``), weighted by
+    ``model.loss_weights`` (``weights``; None = unweighted). The four add up to the trainer's
+    total loss.
+
+    - ``itc`` (default): each branch's ITC half (itc/2 x L_i2t, itc/2 x L_t2i); multimodal =
+      ITM + MLM; rest = the unimodal feature-space losses, if on (balanced by neither method).
+    - ``ssl``: each branch's unimodal feature-space loss (``model.unimodal``: uni_image x
+      L_uni_image, uni_text x L_uni_text), a true unimodal loss as in the methods' papers;
+      multimodal = ITC + ITM + MLM (ITC is cross-modal); rest = 0."""
+    w = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "uni_image": 1.0, "uni_text": 1.0, **(weights or {})}
+    mm = w["itm"] * out.loss_itm
+    if out.loss_mlm is not None:
+        mm = mm + w["mlm"] * out.loss_mlm
+    if unimodal == "ssl":
+        if out.loss_uni_image is None or out.loss_uni_text is None:
+            raise ConfigError("balance.unimodal_loss=ssl needs model.unimodal.image and model.unimodal.text on")
+        return (w["uni_image"] * out.loss_uni_image, w["uni_text"] * out.loss_uni_text,
+                mm + w["itc"] * out.loss_itc, out.loss_itc.new_zeros(()))
+    half = w["itc"] / 2.0  # ALBEF's ITC = (i2t + t2i) / 2
+    rest = out.unimodal(w["uni_image"], w["uni_text"])
+    if not torch.is_tensor(rest):
+        rest = out.loss_itc.new_zeros(())
+    return half * out.loss_i2t, half * out.loss_t2i, mm, rest
+
+
 def refuse_fp16(cfg, method: str) -> None:
     """Methods that read or write gradients against unscaled losses cannot follow DeepSpeed's
     dynamic fp16 loss scale; bf16 and fp32 keep gradients unscaled."""
@@ -126,10 +153,21 @@ class PairSet:
                        None if labels is None else np.asarray(labels, dtype=np.int64))
 
 
-def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str) -> PairSet:
+def meta_label(meta: dict, name: str):
+    """A sample's label ``name`` from its annotation: a top-level field (``cls``) or a probe
+    target / attribute of the synthetic corpus (``anchor_colour``, ``num_objects`` ...)."""
+    for where in (meta, meta.get("probe"), meta.get("attributes"), (meta.get("attributes") or {}).get("probe")):
+        if isinstance(where, dict) and name in where:
+            return where[name]
+    return None
+
+
+def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str,
+               label: str = "cls") -> PairSet:
     """The first ``samples`` images of a retrieval split (annotation JSON or shards) with their
-    first captions, at the model's resolution; labels from the ``cls`` field when every image
-    has one. ``key`` names the config setting in errors."""
+    first captions, at the model's resolution; labels from the ``label`` field (default
+    ``cls``; see :func:`meta_label`) when every image has an integer one. ``key`` names the
+    config setting in errors."""
     from ..data import build_tokenizer, iter_images, load_retrieval_split
     from ..data.retrieval import RetrievalSplit
     try:
@@ -148,8 +186,8 @@ def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     ids, mask = tokenizer.encode(sub.texts, cfg.data.max_len, cfg.data.add_sep)
     labels = None
-    cls = [m.get("cls") for m in sub.meta]
-    if cls and all(isinstance(c, int) for c in cls):
+    cls = [meta_label(m, label) for m in sub.meta]
+    if cls and all(isinstance(c, int) and not isinstance(c, bool) for c in cls):
         labels = np.asarray(cls, dtype=np.int64)
     log.info("%s: %d pairs from %s (%s)", key, n, path, "labelled" if labels is not None else "no labels")
     return PairSet(images, ids, mask, labels)
@@ -168,10 +206,12 @@ def subset_pairs(cfg, section, which: str, key: str) -> PairSet:
 
 
 @torch.no_grad()
-def measure_losses(module, pairs: PairSet, batch_size: int, alpha: float, seed: int = 0) -> torch.Tensor:
-    """Mean [i2t, t2i, ITM + MLM] losses over ``pairs`` in eval mode, without touching the
-    momentum encoders or the queues; MLM masks and hard negatives from a fixed seed, and the
-    training RNG left as it was (resumed runs stay exact)."""
+def measure_losses(module, pairs: PairSet, batch_size: int, alpha: float, seed: int = 0,
+                   unimodal: str = "itc") -> torch.Tensor:
+    """Mean [vision unimodal, text unimodal, multimodal] losses over ``pairs`` in eval mode
+    (see :func:`branch_losses`, unweighted), without touching the momentum encoders or the
+    queues; MLM masks, hard negatives and image views from a fixed seed, and the training
+    RNG left as it was (resumed runs stay exact)."""
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
@@ -182,7 +222,8 @@ def measure_losses(module, pairs: PairSet, batch_size: int, alpha: float, seed: 
         torch.manual_seed(seed)
         for image, ids, mask in pairs.batches(batch_size, device):
             out = module(image, ids, mask, alpha=alpha, update=False)
-            total += torch.stack([out.loss_i2t.double(), out.loss_t2i.double(), out.multimodal().double()])
+            v, t, mm, _ = branch_losses(out, None, unimodal)
+            total += torch.stack([v.double(), t.double(), mm.double()])
             count += 1
     module.train(was_training)
     return total / max(count, 1)

@@ -7,8 +7,10 @@ CVPR 2020. For each loss k, over a window from checkpoint N to N + n:
     O_k = (L^val_k(N + n) - L^train_k(N + n)) - (L^val_k(N) - L^train_k(N))   (overfitting)
     w_k proportional to G_k / O_k^2,  normalised to sum 1
 
-In ALBEF the losses are {vision ITC half (i2t), text ITC half (t2i), multimodal (ITM + MLM)};
-both L^train and L^val are means over equal-size subsets measured in eval mode.
+In ALBEF the losses are {vision ITC half (i2t), text ITC half (t2i), multimodal (ITM + MLM)}
+(``balance.unimodal_loss: itc``), or with ``ssl`` {vision feature-space loss, text
+feature-space loss (``model.unimodal``), multimodal (ITC + ITM + MLM)}; both L^train and
+L^val are means over equal-size subsets measured in eval mode.
 
 Two guards, both choices made here: a loss whose held-out loss did not fall (G_k <= 0) gets
 weight 0 (the formula would give a zero or negative weight), and O_k^2 is floored at ``eps``
@@ -27,6 +29,9 @@ Training hooks (:class:`GBlendHooks`, below the formulas)
 The three losses and their weights w = [w_v, w_t, w_mm] multiply ALBEF's own terms:
 
     loss = w_v * itc/2 * L_i2t + w_t * itc/2 * L_t2i + w_mm * (itm * L_itm + mlm * L_mlm)
+           [+ uni_image * L_uni_image + uni_text * L_uni_text, unweighted by w, when on]
+    ssl:  loss = w_v * uni_image * L_uni_image + w_t * uni_text * L_uni_text
+                 + w_mm * (itc * L_itc + itm * L_itm + mlm * L_mlm)
 
 so w = [1, 1, 1] is exactly ALBEF's loss (``sum_to_count: true`` keeps the weights on that
 scale: they sum to 3).
@@ -54,7 +59,7 @@ import torch
 from .. import distributed as D
 from ..config import ConfigError
 from ..engine.hooks import StepContext
-from .common import BalanceHooks, PairSet, measure_losses, subset_pairs
+from .common import BalanceHooks, PairSet, branch_losses, measure_losses, subset_pairs
 
 Losses = Union[torch.Tensor, Sequence[float]]
 
@@ -104,7 +109,9 @@ def scale_to_count(weights: Losses) -> torch.Tensor:
 
 # ------------------------------------------------------------------ training hooks
 log = logging.getLogger("albef_bal")
-LOSSES = ("v", "t", "mm")  # i2t half, t2i half, ITM + MLM
+LOSSES = ("v", "t", "mm")  # vision unimodal, text unimodal, multimodal (balance.unimodal_loss)
+ORDER = {"itc": ["vision i2t", "text t2i", "multimodal itm+mlm"],
+         "ssl": ["vision uni_image", "text uni_text", "multimodal itc+itm+mlm"]}
 WEIGHTS_FILE = "gblend_weights.json"
 
 
@@ -122,6 +129,7 @@ def read_weights_file(path: str) -> list[float]:
 
 class GBlendHooks(BalanceHooks):
     name = "gblend"
+    unimodal_loss = "itc"  # balance.unimodal_loss, read in setup
 
     def __init__(self, pairs: Optional[dict[str, PairSet]] = None):
         # tests and callers may hand in the subsets; otherwise they are read from the config
@@ -130,6 +138,7 @@ class GBlendHooks(BalanceHooks):
     def setup(self, trainer) -> None:
         super().setup(trainer)
         g = self.gcfg = trainer.cfg.balance.gblend
+        self.unimodal_loss = trainer.cfg.balance.unimodal_loss
         if g.weights is not None:
             w = list(g.weights)
         elif g.weights_file is not None:
@@ -155,18 +164,16 @@ class GBlendHooks(BalanceHooks):
 
     # ------------------------------------------------------------------ the loss
     def loss(self, out, ctx: StepContext) -> torch.Tensor:
-        lw, (w_v, w_t, w_mm) = self.weights, self.w
-        mm = lw["itm"] * out.loss_itm
-        if out.loss_mlm is not None:
-            mm = mm + lw["mlm"] * out.loss_mlm
-        return w_v * (lw["itc"] / 2) * out.loss_i2t + w_t * (lw["itc"] / 2) * out.loss_t2i + w_mm * mm
+        (w_v, w_t, w_mm) = self.w
+        v, t, mm, rest = branch_losses(out, self.weights, self.unimodal_loss)
+        return w_v * v + w_t * t + w_mm * mm + rest
 
     # ------------------------------------------------------------ online windows
     def _measure(self) -> list[float]:
         bs = self.cfg.train.micro_batch_size
         alpha = self.cfg.model.alpha
-        m = torch.cat([measure_losses(self.module, self.pairs[w], bs, alpha, seed=self.cfg.train.seed)
-                       for w in ("train", "val")])
+        m = torch.cat([measure_losses(self.module, self.pairs[w], bs, alpha, seed=self.cfg.train.seed,
+                                      unimodal=self.unimodal_loss) for w in ("train", "val")])
         return self.broadcast(m).tolist()
 
     def before_step(self, ctx: StepContext) -> None:
@@ -196,7 +203,7 @@ class GBlendHooks(BalanceHooks):
             path = os.path.join(self.cfg.train.output_dir, WEIGHTS_FILE)
             tmp = path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({**est, "order": ["vision i2t", "text t2i", "multimodal itm+mlm"],
+                json.dump({**est, "order": ORDER[self.unimodal_loss],
                            "sum_to_count": self.gcfg.sum_to_count}, f, indent=1)
             os.replace(tmp, path)
 

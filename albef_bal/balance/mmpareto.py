@@ -44,11 +44,19 @@ Training hooks (:class:`MMParetoHooks`, below the formulas)
 -----------------------------------------------------------
 
 For each branch the method needs two gradients of the global batch: g_uni (the branch's
-ITC half) and g_mm (ITM + MLM). The engine's own backward computes their sum
-``g_mm + g_uni`` (the other ITC half does not reach the branch: its other side is momentum
-features and the queue). So per micro step the hook only adds one extra, partial backward:
+unimodal loss) and g_mm (the rest of the objective that reaches the branch). Which loss is
+the unimodal one is ``balance.unimodal_loss`` (``common.branch_losses``):
 
-    loss():        g_uni += autograd.grad(itc / 2 * L_uni, branch params)     (local buffer)
+- ``itc`` (default): the branch's ITC half; g_mm = ITM + MLM (and the unimodal
+  feature-space loss of ``model.unimodal`` if one is on: it is not the unimodal loss here);
+- ``ssl``: the branch's feature-space loss (``model.unimodal``), as the authors pair a
+  true unimodal loss with the multimodal one; g_mm = ITC + ITM + MLM.
+
+The engine's own backward computes ``g_mm + g_uni`` (the other ITC half does not reach the
+branch: its other side is momentum features and the queue). So per micro step the hook
+only adds one extra, partial backward:
+
+    loss():        g_uni += autograd.grad(L_uni (weighted), branch params)     (local buffer)
     before_step(): g_uni  = mean over micro steps and ranks (one all-reduce per branch)
                    g_mm   = engine gradient - g_uni                             (per shard)
                    inner products per tensor, summed over shards and ranks -> c, scales
@@ -56,7 +64,7 @@ features and the queue). So per micro step the hook only adds one extra, partial
 
 Only a few numbers per tensor cross ranks besides g_uni; the combination is elementwise on
 the shard each rank holds (ZeRO 1/2) or on the full gradient (ZeRO 0). Heads keep the
-plain summed gradient. Cost: one backward of each ITC half through its encoder per micro
+plain summed gradient. Cost: one backward of each unimodal loss through its encoder per micro
 step, one all-reduce of the encoders' size per optimizer step, and two encoder-sized
 float32 buffers.
 """
@@ -71,7 +79,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..engine.grads import grad_views, reduce_param_sums
 from ..engine.hooks import StepContext
-from .common import BRANCHES, BalanceHooks, refuse_fp16
+from .common import BRANCHES, BalanceHooks, branch_losses, refuse_fp16
 from .grad_ops import flat_dot
 
 C_MIN, C_MAX = 0.001, 0.999
@@ -187,10 +195,12 @@ def mmpareto_combine(g_mm: Sequence[torch.Tensor], g_uni: Sequence[torch.Tensor]
 # ------------------------------------------------------------------ training hooks
 class MMParetoHooks(BalanceHooks):
     name = "mmpareto"
+    unimodal_loss = "itc"  # balance.unimodal_loss, read in setup
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
         self.mcfg = trainer.cfg.balance.mmpareto
+        self.unimodal_loss = trainer.cfg.balance.unimodal_loss
         refuse_fp16(trainer.cfg, "mmpareto")
         self.uni = {b: torch.zeros(sum(p.numel() for p in self.params[b]), dtype=torch.float32, device=self.device)
                     for b in BRANCHES}
@@ -202,12 +212,13 @@ class MMParetoHooks(BalanceHooks):
                 buf.zero_()
             self._micro = 0
         self._micro += 1
-        half = self.weights["itc"] / 2.0  # ALBEF's ITC = (i2t + t2i) / 2, weighted by itc
-        for b, uni_loss in (("vision", out.loss_i2t), ("text", out.loss_t2i)):
+        # the branch's unimodal loss (balance.unimodal_loss), weighted as in the total loss
+        uni_v, uni_t, _, _ = branch_losses(out, self.weights, self.unimodal_loss)
+        for b, uni_loss in (("vision", uni_v), ("text", uni_t)):
             params = self.params[b]
             if not uni_loss.requires_grad or not bool(torch.isfinite(uni_loss)):
                 continue  # a non-finite window is skipped by the trainer; keep the buffer clean
-            grads = torch.autograd.grad(half * uni_loss, params, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(uni_loss, params, retain_graph=True, allow_unused=True)
             offset = 0
             for p, g in zip(params, grads):
                 if g is not None:

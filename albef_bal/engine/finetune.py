@@ -6,8 +6,10 @@ It starts from ``train.init_from`` (an export directory or an official ALBEF ``.
 
 - the architecture (ViT/BERT sizes, embedding width) always comes from the checkpoint;
 - the fine-tuning settings of ``model`` (image_res, queue_size, momentum, alpha, distill,
-  loss_weights, grad_checkpointing, mlm_probability) come from the config; position
-  embeddings are resized when image_res differs (256 -> 384 for the paper's recipe);
+  loss_weights, unimodal, grad_checkpointing, mlm_probability) come from the config; position
+  embeddings are resized when image_res differs (256 -> 384 for the paper's recipe); the
+  unimodal heads of a checkpoint pretrained with them are reported unused unless the
+  fine-tuning config turns the same losses on;
 - ``data.tokenizer`` and ``data.add_sep`` follow the checkpoint (what it was trained
   with) unless the config files or ``--set`` name them.
 
@@ -35,7 +37,7 @@ from .trainer import Trainer
 log = logging.getLogger("albef_bal")
 # model settings that belong to the fine-tuning recipe, not to the checkpoint's architecture
 RECIPE_MODEL_KEYS = ("image_res", "queue_size", "momentum", "alpha", "mlm_probability", "distill", "loss_weights",
-                     "grad_checkpointing")
+                     "unimodal", "grad_checkpointing")
 FOLLOW_CHECKPOINT_DATA_KEYS = ("tokenizer", "add_sep")
 
 

@@ -50,7 +50,7 @@ class TrainHooks:
         """Called once after ``deepspeed.initialize`` (and after a resume)."""
         self.trainer = trainer
         w = trainer.cfg.model.loss_weights
-        self.weights = dict(itc=w.itc, itm=w.itm, mlm=w.mlm)
+        self.weights = dict(itc=w.itc, itm=w.itm, mlm=w.mlm, uni_image=w.uni_image, uni_text=w.uni_text)
 
     def loss(self, out: "ALBEFOutput", ctx: StepContext) -> torch.Tensor:
         return out.total(**self.weights)

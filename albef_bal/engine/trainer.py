@@ -348,8 +348,9 @@ class Trainer:
         values = {"loss": loss.detach(), "loss_itc": out.loss_itc, "loss_i2t": out.loss_i2t,
                   "loss_t2i": out.loss_t2i, "loss_itm": out.loss_itm, "score_v": out.score_v,
                   "score_t": out.score_t}
-        if out.loss_mlm is not None:
-            values["loss_mlm"] = out.loss_mlm
+        for k in ("loss_mlm", "loss_uni_image", "loss_uni_text"):
+            if getattr(out, k, None) is not None:
+                values[k] = getattr(out, k)
         values.update(out.metrics)
         for k, v in values.items():
             v = v.detach().float().reshape(())

@@ -9,8 +9,13 @@ The forward runs, per batch of B pairs:
   - momentum image pass; one momentum text pass over [text ; masked text];
   - ITC against [momentum batch ; queue], distilled from the momentum logits;
   - one fusion pass over 4B pairs: ITM positives, ITM negatives both ways, MLM;
-  - MLM heads on the masked positions only (the 30k-way softmax on ~15% of tokens).
-Mathematically this is ALBEF's forward; the batching only saves passes.
+  - MLM heads on the masked positions only (the 30k-way softmax on ~15% of tokens);
+  - with ``model.unimodal`` on, last, the unimodal losses (models/unimodal.py): a second
+    image view through the online image encoder, and either the unimodal MLM head on the
+    text-only states of the masked caption or a second dropout pass of the caption.
+Mathematically this is ALBEF's forward; the batching only saves passes. With every
+unimodal loss off nothing of that last part exists (no parameters, no work, no random
+draws), and with one on everything before it is computed exactly as without it.
 
 Public feature API (evaluation, retrieval indexes, balancing methods):
 ``encode_image``, ``encode_text``, ``image_feat``, ``text_feat``, ``fuse``, ``itm_head``,
@@ -31,6 +36,7 @@ from ..distributed import concat_all_gather
 from ..losses import (clamp_temperature, itc_positive_mask, itc_targets, mask_tokens, mlm_loss,
                       positive_score, sample_hard_negatives, soft_cross_entropy)
 from .text import MLMHead, TextEncoder
+from .unimodal import augment_view, build_image_head, build_text_head, view_generator
 from .vit import build_vision_encoder
 
 # A branch hook sees each online branch output (``"vision"``: image tokens, ``"text"``: text
@@ -52,10 +58,28 @@ class ALBEFOutput:
     score_v: torch.Tensor  # mean softmax probability of the positive, image-to-text
     score_t: torch.Tensor  # same, text-to-image
     metrics: dict = field(default_factory=dict)
+    # unimodal feature-space losses (model.unimodal); None when off. Each one's gradient
+    # reaches only its own branch and its head
+    loss_uni_image: Optional[torch.Tensor] = None
+    loss_uni_text: Optional[torch.Tensor] = None
 
-    def total(self, itc: float = 1.0, itm: float = 1.0, mlm: float = 1.0) -> torch.Tensor:
+    def total(self, itc: float = 1.0, itm: float = 1.0, mlm: float = 1.0, uni_image: float = 1.0,
+              uni_text: float = 1.0) -> torch.Tensor:
         loss = itc * self.loss_itc + itm * self.loss_itm
-        return loss if self.loss_mlm is None else loss + mlm * self.loss_mlm
+        if self.loss_mlm is not None:
+            loss = loss + mlm * self.loss_mlm
+        if self.loss_uni_image is None and self.loss_uni_text is None:
+            return loss
+        return loss + self.unimodal(uni_image, uni_text)
+
+    def unimodal(self, uni_image: float = 1.0, uni_text: float = 1.0):
+        """The weighted unimodal losses that are on (0 when none is)."""
+        loss = 0.0
+        if self.loss_uni_image is not None:
+            loss = loss + uni_image * self.loss_uni_image
+        if self.loss_uni_text is not None:
+            loss = loss + uni_text * self.loss_uni_text
+        return loss
 
     def multimodal(self) -> torch.Tensor:
         """ITM + MLM: the losses that reach both branches through the fusion layers."""
@@ -64,8 +88,9 @@ class ALBEFOutput:
     def scalars(self) -> dict[str, float]:
         out = {k: float(getattr(self, k).detach()) for k in
                ("loss_itc", "loss_i2t", "loss_t2i", "loss_itm", "score_v", "score_t")}
-        if self.loss_mlm is not None:
-            out["loss_mlm"] = float(self.loss_mlm.detach())
+        for k in ("loss_mlm", "loss_uni_image", "loss_uni_text"):
+            if getattr(self, k) is not None:
+                out[k] = float(getattr(self, k).detach())
         out.update({k: float(v.detach()) for k, v in self.metrics.items()})
         return out
 
@@ -103,6 +128,13 @@ class ALBEF(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         if cfg.retrieval:
             self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
+        # unimodal heads, built last and on a forked RNG: every other weight, the queues and
+        # the random stream after construction are those of a model without them
+        u = cfg.unimodal
+        with torch.random.fork_rng(devices=[]):
+            self.uni_image_head = build_image_head(u, vision_width)
+            self.uni_text_head = build_text_head(u, t.width, self.text_encoder.embeddings.word_embeddings,
+                                                 t.layer_norm_eps, t.init_std)
         self.branch_hook: Optional[BranchHook] = None
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
@@ -117,14 +149,15 @@ class ALBEF(nn.Module):
     def branch_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Trainable parameters by role (DESIGN.md section 4): ``vision`` = the image encoder;
         ``text`` = text embeddings + text-only layers; ``shared`` = fusion layers, projections,
-        ITM/MLM heads and the temperature. Momentum copies are not trainable and not listed."""
-        text_prefixes = ("text_encoder.embeddings.",) + tuple(
+        ITM/MLM heads and the temperature. A unimodal head (``model.unimodal``) belongs to the
+        branch whose features it reads. Momentum copies are not trainable and not listed."""
+        text_prefixes = ("text_encoder.embeddings.", "uni_text_head.") + tuple(
             f"text_encoder.encoder.layer.{i}." for i in range(self.text_encoder.fusion_layer))
         groups: dict[str, list] = {"vision": [], "text": [], "shared": []}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith("visual_encoder."):
+            if name.startswith(("visual_encoder.", "uni_image_head.")):
                 groups["vision"].append((name, p))
             elif name.startswith(text_prefixes):
                 groups["text"].append((name, p))
@@ -364,9 +397,49 @@ class ALBEF(nn.Module):
             else:  # nothing was selected for masking (very short texts)
                 loss_mlm = fused[3 * B:, 0].sum() * 0.0
 
+        # ---- unimodal losses, after everything else: with them on, the losses above are the
+        # same numbers as without them (same masks, negatives and dropout)
+        loss_uni_image = loss_uni_text = None
+        if self.uni_image_head is not None:
+            loss_uni_image = self._uni_image_loss(image, image_tokens)
+        if self.uni_text_head is not None:
+            loss_uni_text = self._uni_text_loss(input_ids, attention_mask, text_tokens_both,
+                                                labels if self.mlm_head is not None else None, metrics)
+
         return ALBEFOutput(loss_itc=(loss_i2t + loss_t2i) / 2, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
                            loss_itm=loss_itm, loss_mlm=loss_mlm, score_v=score_v, score_t=score_t,
-                           metrics=metrics)
+                           metrics=metrics, loss_uni_image=loss_uni_image, loss_uni_text=loss_uni_text)
+
+    # ------------------------------------------------------------- unimodal losses
+    def _uni_image_loss(self, image: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """SimSiam / SimCLR between two views of each image (the clean image, whose tokens
+        the forward already has, and an augmented one; or two augmented ones)."""
+        u = self.cfg.unimodal
+        if image.shape[0] < 2:  # batch-norm statistics (and contrastive negatives) need two samples
+            return image_tokens[:, 0].sum() * 0.0
+        gen = view_generator(image.device)
+        view2 = augment_view(image, u.augment, gen)
+        if u.views == "aug+aug":
+            h1 = self.encode_image(augment_view(image, u.augment, gen))[:, 0]
+        else:
+            h1 = image_tokens[:, 0]
+        h2 = self.encode_image(view2)[:, 0]
+        return self.uni_image_head.loss(h1, h2)
+
+    def _uni_text_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       text_tokens_both: torch.Tensor, labels: Optional[torch.Tensor], metrics: dict) -> torch.Tensor:
+        """MLM on the text-only states of the masked caption (already computed), or SimCSE
+        between the forward's text pass and a second pass of the same caption."""
+        B = input_ids.shape[0]
+        if self.cfg.unimodal.text == "mlm":
+            sel = labels != -100
+            if not sel.any():
+                return text_tokens_both[B:, 0].sum() * 0.0
+            logits = self.uni_text_head(text_tokens_both[B:][sel])
+            metrics["uni_mlm_acc"] = (logits.detach().argmax(1) == labels[sel]).float().mean()
+            return F.cross_entropy(logits.float(), labels[sel])
+        h2 = self.encode_text(input_ids, attention_mask)[:, 0]  # new dropout masks
+        return self.uni_text_head.loss(text_tokens_both[:B, 0], h2)
 
 
 def prepare_for_training(model: ALBEF, train) -> ALBEF:
