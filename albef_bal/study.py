@@ -273,6 +273,8 @@ def run_study(output_dir: str = "runs/study", data_root: str = "data", preset: s
 
     ``max_minutes``: when the measured time per run says the remaining method arms do not fit
     (all seeds each), the remaining methods are skipped (seeds before methods) and listed.
+    ``overrides``: ``KEY=VALUE`` settings of every run; ``{seed}`` in one is replaced by the
+    run's seed (e.g. per-seed initial weights).
     ``train_fn(configs, overrides)``: how a run is trained (default: ``albef-bal pretrain``
     under torchrun, as the demo)."""
     from .config import load_config
@@ -332,7 +334,7 @@ def run_study(output_dir: str = "runs/study", data_root: str = "data", preset: s
                 data_dir = corpora[arm.preset]
                 configs = base + arm.configs
                 sets = [*corpus_overrides(data_dir), f"train.output_dir={run_dir}", f"train.seed={seed}",
-                        "train.resume=auto", *overrides]
+                        "train.resume=auto", *(o.replace("{seed}", str(seed)) for o in overrides)]
                 cfg = load_config(configs, sets)
                 sets += method_overrides(arm, data_dir, cfg)
                 log(f"{tag}: pretraining on {arm.preset} into {run_dir}")

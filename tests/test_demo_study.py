@@ -74,7 +74,7 @@ def test_study_end_to_end_gate_and_resume(tmp_path, monkeypatch):
     monkeypatch.setitem(demo.CORPUS, "val", 40)
     monkeypatch.setitem(demo.CORPUS, "test", 40)
     sets = ["train.max_steps=3", "train.micro_batch_size=8", "data.samples_per_epoch=64", "model.queue_size=64",
-            "train.log_every=1", "train.tensorboard=false", "eval.k_test=4"]
+            "train.log_every=1", "train.tensorboard=false", "eval.k_test=4", "train.wandb_project=p{seed}"]
     out = tmp_path / "study"
     analysis = study.run_study(str(out), str(tmp_path / "data"), "vision-strong", ["ogm_ge"], [0, 1],
                                overrides=sets, ranks=1, gate=False, max_minutes=None)
@@ -87,6 +87,7 @@ def test_study_end_to_end_gate_and_resume(tmp_path, monkeypatch):
     assert (out / "study.md").is_file() and (out / "study.png").is_file()
     r = json.loads((out / "ogm_ge" / "seed1" / "result.json").read_text())
     assert r["corpus"] == "vision-strong" and "ogm/k_v" in r["signals"]
+    assert "wandb_project: p1" in (out / "ogm_ge" / "seed1" / "config.yaml").read_text()  # {seed} per run
 
     def no_training(*_):
         raise AssertionError("a finished run was trained again")
