@@ -165,6 +165,11 @@ def add_validate_score(sub) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default %(default)s)")
     p.add_argument("--ranks", type=int, help="CPU processes per run (default as the demo)")
+    p.add_argument("--from-checkpoints", action="store_true",
+                   help="read the held-out score from each run's saved checkpoints (and its rebuilt initialisation) "
+                        "instead of the metrics log; runs trained with any balance.score can be judged")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="with --from-checkpoints: train.save_every of the runs it trains (default %(default)s)")
     add_config_args(p)
     p.set_defaults(func=run_validate_score)
 
@@ -178,7 +183,8 @@ def run_validate_score(args) -> int:
     except ValueError:
         raise SystemExit(f"albef-bal validate-score: error: --seeds must be comma-separated integers, got {args.seeds!r}")
     result = validate_score(args.output_dir, args.data_root, args.score, args.grade, seeds, args.steps,
-                            args.config[0] if args.config else None, args.overrides, args.ranks)
+                            args.config[0] if args.config else None, args.overrides, args.ranks,
+                            from_checkpoints=args.from_checkpoints, checkpoint_every=args.checkpoint_every)
     return 0 if result["passed"] else 1
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from albef_bal import demo
 from albef_bal.balance.scores import uniformity
-from albef_bal.score_validation import judge, late_difference, read_scores, validate_score
+from albef_bal.score_validation import checkpoint_scores, judge, late_difference, read_scores, validate_score
 
 
 def test_uniformity_on_constructed_features():
@@ -77,6 +77,14 @@ def test_held_out_score_leaves_the_run_unchanged_and_resumes(tmp_path, data_tool
         v = model.image_feat(model.encode_image(images))
         t = model.text_feat(model.encode_text(ids, mask))
     assert state["values"] == pytest.approx([float(uniformity(v)), float(uniformity(t))], rel=1e-4)
+    # recomputed afterwards from the saved checkpoints: the same numbers as in training, and the
+    # initialisation as step 0
+    series = checkpoint_scores(str(tmp_path / "u"))
+    assert [step for step, _, _ in series] == [0, 3, 6]
+    for step, s_v, s_t in series[1:]:
+        saved = json.load(open(tmp_path / f"u/checkpoints/step_{step:08d}/trainer_state.json"))["branch_score"]
+        assert saved["measured_at"] == step and [s_v, s_t] == pytest.approx(saved["values"], rel=1e-4)
+    assert series[0][1:] != series[1][1:]
     # a resumed run continues from the saved measurement (no fresh one at set-up)
     _pretrain(cli_run, corpus, tmp_path / "u", "train.max_steps=8", "balance.score=uniformity", "balance.score_every=3",
               "train.save_every=3", "train.resume=auto")
