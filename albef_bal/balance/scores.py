@@ -47,7 +47,7 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     n = x.shape[0]
     if n < 2:
         raise ValueError("uniformity needs at least two features")
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     sq = torch.cdist(x, x).pow(2)
     off = ~torch.eye(n, dtype=torch.bool, device=x.device)
     return -(torch.logsumexp(-t * sq[off], 0) - math.log(n * (n - 1)))

@@ -521,9 +521,10 @@ def alignment(image: torch.Tensor, text: torch.Tensor, alpha: float = 2.0) -> fl
 
 def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     """log E exp(-t ||f(x) - f(y)||^2) over distinct pairs (Wang and Isola, 2020; lower = more
-    uniform on the sphere, about -4 for t = 2 in high dimension; 0 when all points coincide)."""
-    x = F.normalize(x.double(), dim=-1)
-    return float(torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log())
+    uniform on the sphere, about -4 for t = 2 in high dimension; 0 when all points coincide).
+    The negative of the branch score ``balance.score=uniformity``, which counts spread as more."""
+    from ..balance.scores import uniformity as spread
+    return -float(spread(F.normalize(x.double(), dim=-1), t))
 
 
 def geometry_report(itc: dict[str, torch.Tensor], max_items: int = 4096, seed: int = 0) -> dict:
