@@ -38,10 +38,10 @@ class BatchSeededALBEF(ALBEF):
     """ALBEF whose loss is a pure function of (weights, batch): no momentum/queue updates,
     masks and negatives seeded by the batch content."""
 
-    def forward(self, image, input_ids, attention_mask, alpha=0.0, idx=None, update=True):
+    def forward(self, image, input_ids, attention_mask, alpha=0.0, idx=None, update=True, **kwargs):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(input_ids.sum()) * 31 + int(input_ids.shape[0]))
-            return super().forward(image, input_ids, attention_mask, alpha=alpha, idx=idx, update=False)
+            return super().forward(image, input_ids, attention_mask, alpha=alpha, idx=idx, update=False, **kwargs)
 
 
 class GlobalPairs:
@@ -222,6 +222,42 @@ def relearn_unit(out, args):
                 "rows": [r for r in rows(out) if "relearn/count" in r], "step": res["step"],
                 "labels": {k: np.asarray(v).tolist() for k, v in hooks.labels.items()}},
                os.path.join(out, "relearn.pt"))
+
+
+class RecordingALBEF(BatchSeededALBEF):
+    """Records the online inputs each forward received."""
+
+    def forward(self, image, input_ids, attention_mask, alpha=0.0, idx=None, update=True, online=None, **kwargs):
+        if update:  # a training forward (measurements pass update=False)
+            self.received = getattr(self, "received", [])
+            self.received.append(None if online is None else {k: v.clone() for k, v in online.items()})
+        return super().forward(image, input_ids, attention_mask, alpha=alpha, idx=idx, update=update, online=online,
+                               **kwargs)
+
+
+def forward_point(out, args):
+    """The hook point before the forward: called once per micro step with its context, on
+    the device batch; what it returns is what the model trains on."""
+    from albef_bal.engine.hooks import TrainHooks
+
+    class Flip(TrainHooks):
+        calls = []
+
+        def before_forward(self, batch, ctx):
+            self.calls.append([ctx.step, ctx.micro, ctx.boundary, sorted(batch)])
+            if ctx.micro == 1:  # second micro step of each window: the online encoders see flipped images
+                return {**batch, "online": {"image": batch["image"].flip(-1)}}
+            return batch
+
+    cfg = make_cfg(out, "none", "train.zero_stage=0", "train.grad_accum=2", "train.max_steps=2")
+    torch.manual_seed(cfg.train.seed)
+    model = RecordingALBEF(cfg.model)
+    hooks = Flip()
+    Trainer(cfg, model, GlobalPairs(cfg, 4), hooks).setup().run()
+    online = [None if r is None else {k: v.shape for k, v in r.items()} for r in model.received]
+    with open(os.path.join(out, "forward_point.json"), "w") as f:
+        json.dump({"calls": hooks.calls, "online": [None if o is None else {k: list(v) for k, v in o.items()}
+                                                    for o in online]}, f)
 
 
 if __name__ == "__main__":

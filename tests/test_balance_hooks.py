@@ -28,6 +28,15 @@ def load(path):
     return torch.load(path, weights_only=False)
 
 
+# ------------------------------------------------------- the hook point before the forward
+def test_before_forward_sees_every_micro_step_and_its_batch_is_trained_on(tmp_path):
+    run_worker("forward_point", tmp_path, 1)
+    r = json.loads((tmp_path / "forward_point.json").read_text())
+    keys = ["attention_mask", "image", "input_ids"]
+    assert r["calls"] == [[0, 0, False, keys], [0, 1, True, keys], [1, 0, False, keys], [1, 1, True, keys]]
+    assert r["online"] == [None, {"image": [4, 3, 32, 32]}, None, {"image": [4, 3, 32, 32]}]
+
+
 # ------------------------------------------------------------------- OGM-GE
 def test_ogm_grad_mode_scales_the_dominant_branch_exactly_under_zero2(tmp_path):
     run_worker("grad_edit", tmp_path, 1, "variant=ogm_ge_noge", "zero=2")

@@ -212,9 +212,15 @@ class ALBEF(nn.Module):
     def _hook(self, branch: str, x: torch.Tensor) -> torch.Tensor:
         return x if self.branch_hook is None else self.branch_hook(branch, x)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Image tokens [B, 1 + P, Dv] (CLS first)."""
-        return self._hook("vision", self.visual_encoder.forward_features(images))
+    def encode_image(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image tokens [B, 1 + P, Dv] (CLS first); with ``keep`` [B, K] only the CLS token and
+        those patches pass the encoder ([B, 1 + K, Dv]; the built-in ViT only)."""
+        if keep is None:
+            return self._hook("vision", self.visual_encoder.forward_features(images))
+        if self.cfg.vision.backbone != "vit":
+            raise ValueError(f"patch-token dropout needs the built-in ViT (model.vision.backbone='vit'), "
+                             f"not '{self.cfg.vision.backbone}'")
+        return self._hook("vision", self.visual_encoder.forward_features(images, keep))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text tokens [B, L, Dt] from the text-only layers."""
@@ -240,17 +246,30 @@ class ALBEF(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                alpha: float = 0.0, idx: Optional[torch.Tensor] = None, update: bool = True) -> ALBEFOutput:
+                alpha: float = 0.0, idx: Optional[torch.Tensor] = None, update: bool = True,
+                online: Optional[dict] = None) -> ALBEFOutput:
         """Losses of one batch.
 
         ``idx`` (image ids, [B]) is required by the retrieval model; in pretraining it is
         optional and only keeps same-image pairs out of the ITM negatives. ``update=False``
         leaves the momentum weights and the queues untouched (held-out loss measurements).
+
+        ``online`` replaces inputs of the *online* encoders only (data-side balancing); the
+        momentum passes, and so the ITC and MLM distillation targets and the queues, see the
+        clean ``image`` / ``input_ids`` / ``attention_mask``. Keys, each optional:
+        ``image`` (same shape as ``image``), ``patch_keep`` ([B, K] patch indices the online
+        ViT keeps), ``input_ids`` and ``attention_mask`` (same shape as the clean ones; the
+        MLM labels and masking positions come from the clean ids, and a position whose online
+        id differs from the clean one keeps the online id in the masked copy too).
         """
         cfg = self.cfg
         if self.retrieval and idx is None:
             raise ValueError("the retrieval model needs image ids (idx) for every pair")
         B = image.shape[0]
+        online = _check_online(online, image, input_ids)
+        image_on = online.get("image", image)
+        ids_on = online.get("input_ids", input_ids)
+        mask_on = online.get("attention_mask", attention_mask)
         temp = self.temperature()
         distill = cfg.distill
 
@@ -261,13 +280,20 @@ class ALBEF(nn.Module):
                                              cfg.mlm_probability)
             ids_both = torch.cat([input_ids, masked_ids])
             mask_both = torch.cat([attention_mask, attention_mask])
+            if ids_on is not input_ids or mask_on is not attention_mask:
+                # the online copy: weakened positions stay weakened in the masked text too
+                masked_on = torch.where(ids_on != input_ids, ids_on, masked_ids)
+                ids_both_on, mask_both_on = torch.cat([ids_on, masked_on]), torch.cat([mask_on, mask_on])
+            else:
+                ids_both_on, mask_both_on = ids_both, mask_both
         else:
             ids_both, mask_both = input_ids, attention_mask
+            ids_both_on, mask_both_on = ids_on, mask_on
 
         # ---- online unimodal passes
-        image_tokens = self.encode_image(image)
+        image_tokens = self.encode_image(image_on, online.get("patch_keep"))
         image_feat = self.image_feat(image_tokens)
-        text_tokens_both = self.encode_text(ids_both, mask_both)
+        text_tokens_both = self.encode_text(ids_both_on, mask_both_on)
         text_tokens = text_tokens_both[:B]
         text_feat = self.text_feat(text_tokens)
 
@@ -315,11 +341,11 @@ class ALBEF(nn.Module):
         # key/value FLOPs than projecting the gathered images, the same numbers).
         arange = torch.arange(B, device=image.device)
         text_in = [text_tokens, text_tokens, text_tokens[neg_text]]
-        mask_in = [attention_mask, attention_mask, attention_mask[neg_text]]
+        mask_in = [mask_on, mask_on, mask_on[neg_text]]
         image_index = [arange, neg_image, arange]
         if self.mlm_head is not None:
             text_in.append(text_tokens_both[B:])
-            mask_in.append(attention_mask)
+            mask_in.append(mask_on)
             image_index.append(arange)
         fused = self.fuse(torch.cat(text_in), torch.cat(mask_in), image_tokens, image_index=torch.cat(image_index))
 
@@ -356,6 +382,26 @@ class ALBEF(nn.Module):
         return ALBEFOutput(loss_itc=(loss_i2t + loss_t2i) / 2, loss_i2t=loss_i2t, loss_t2i=loss_t2i,
                            loss_itm=loss_itm, loss_mlm=loss_mlm, score_v=score_v, score_t=score_t,
                            metrics=metrics)
+
+
+ONLINE_KEYS = ("image", "patch_keep", "input_ids", "attention_mask")
+
+
+def _check_online(online: Optional[dict], image: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    """``online`` as a dict, its keys and shapes checked against the clean batch."""
+    if not online:
+        return {}
+    unknown = sorted(set(online) - set(ONLINE_KEYS))
+    if unknown:
+        raise ValueError(f"online inputs: unknown key(s) {unknown}; expected some of {list(ONLINE_KEYS)}")
+    for key, ref in (("image", image), ("input_ids", input_ids), ("attention_mask", input_ids)):
+        if key in online and online[key].shape != ref.shape:
+            raise ValueError(f"online {key} has shape {tuple(online[key].shape)}, the clean batch "
+                             f"{tuple(ref.shape)}")
+    keep = online.get("patch_keep")
+    if keep is not None and (keep.dim() != 2 or keep.shape[0] != image.shape[0]):
+        raise ValueError(f"online patch_keep must be [B={image.shape[0]}, K], got {tuple(keep.shape)}")
+    return online
 
 
 def prepare_for_training(model: ALBEF, train) -> ALBEF:
