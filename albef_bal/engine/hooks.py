@@ -26,7 +26,14 @@ What each point may do:
   extra terms); also where a method records the branch scores of the micro batch.
 - ``before_step(ctx)``: the accumulated, rank-averaged gradient of the global batch is in
   the engine (``p.grad`` or this rank's ZeRO partition; see engine/grads.py). A method may
-  edit it in place, or edit the optimizer's parameter groups for this step (``lr``).
+  edit it in place, or edit the optimizer's parameter groups for this step: ``lr`` (the
+  schedule resets it at the step) or ``m_gain``, the optimizer-side gain: the trainer's
+  optimizer is :class:`~albef_bal.engine.optim.GainAdamW`, whose groups scale the gradient
+  entering AdamW's first moment by ``m_gain`` (kept until changed), and whose
+  ``add_first_moment(tensor, delta)`` adds to the first moment's input of the next step
+  only (``engine.grads.optimizer_slot`` finds the tensor and offset that hold this rank's
+  share of a parameter under ZeRO 0/1/2). The groups are reached through
+  ``trainer.optimizer.param_groups`` on every ZeRO stage.
 - ``after_step(ctx)``: the weights of this step are written (held-out measurements).
 - ``on_epoch_end(epoch)``: after the last step of an epoch (re-initialisation).
 - ``metrics()`` at log steps; ``state_dict()`` / ``load_state_dict()`` travel with
