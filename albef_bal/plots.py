@@ -7,8 +7,8 @@
 - ``balance.png``: branch scores s_v and s_t, their ratio rho_v = s_v / s_t, and the
   per-branch gradient norms (logged for every method, ``none`` included);
 - one PNG per balancing method whose diagnostics appear in the log (``ogm.png``,
-  ``gblend.png``, ``mmpareto.png``, ``relearn.png``): coefficients, weights, cosines,
-  purities, alphas.
+  ``gblend.png``, ``mmpareto.png``, ``relearn.png``, ``weaken.png``): coefficients, weights,
+  cosines, purities, alphas, weakening strengths.
 
 It is also ``albef-bal plot-balance RUN_DIR``.
 """
@@ -20,7 +20,7 @@ from collections import defaultdict
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_i2t", "loss_t2i", "loss_itm", "loss_mlm")
 METHOD_PREFIXES = {"ogm": "OGM-GE", "gblend": "Gradient Blending", "mmpareto": "MMPareto",
-                   "relearn": "Diagnosing & Re-learning"}
+                   "relearn": "Diagnosing & Re-learning", "weaken": "Weakening the leading input"}
 
 
 def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:

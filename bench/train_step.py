@@ -2,7 +2,7 @@
 """Training-step throughput: pairs per second and peak memory of one full ALBEF step.
 
     python bench/train_step.py --size bench-small|albef-base [--batch N[,N...]]
-        [--precision fp32|bf16|fp16[,...]] [--zero N] [--balance METHOD[,METHOD...]]
+        [--precision fp32|bf16|fp16[,...]] [--zero N] [--balance METHOD|PRESET.yaml[,...]]
         [--threads N] [--warmup 3] [--steps 10] [--interleave] [--set KEY=VALUE ...]
 
 A step is what the trainer does per optimizer step with ``grad_accum=1``: the model's
@@ -271,8 +271,10 @@ def make_config(args, size: str, batch: int, precision: str, balance: str, out_d
                 pkg: str = "albef_bal"):
     from importlib import import_module
     load_config = import_module(f"{pkg}.config").load_config
-    overrides = list(SIZES[size]["overrides"]) + [
-        f"train.micro_batch_size={batch}", f"train.precision={precision}", f"balance.method={balance}",
+    # a balancing method by name, or a preset YAML (e.g. configs/balance/ogm_moment.yaml)
+    preset = balance if balance.endswith((".yaml", ".yml")) else None
+    overrides = list(SIZES[size]["overrides"]) + ([] if preset else [f"balance.method={balance}"]) + [
+        f"train.micro_batch_size={batch}", f"train.precision={precision}",
         f"train.output_dir={out_dir}", "train.tensorboard=false", "train.log_every=1000000000",
         "train.save_every=0", "train.warmup_steps=10", "train.alpha_warmup=false",
         f"train.deepspeed_config={ROOT}/configs/deepspeed/zero0.json"]
@@ -280,7 +282,7 @@ def make_config(args, size: str, batch: int, precision: str, balance: str, out_d
         overrides.append(f"train.zero_stage={args.zero}")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    return load_config(None, overrides + list(args.set))
+    return load_config([preset] if preset else None, overrides + list(args.set))
 
 
 def main(argv=None) -> int:
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default=None, help="micro batch per step; comma-separated for several")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16; comma-separated for several")
     p.add_argument("--zero", type=int, default=None, help="run the DeepSpeed engine at this ZeRO stage")
-    p.add_argument("--balance", default="none", help="balancing method(s); 'none' is always measured too")
+    p.add_argument("--balance", default="none",
+                   help="balancing method(s) or preset YAML(s) (configs/balance/*.yaml); 'none' is always measured too")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 2 on CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)

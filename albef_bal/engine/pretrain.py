@@ -65,8 +65,8 @@ def pretrain(cfg: Config) -> dict:
                           "(data_tools/make_synthetic.py or data_tools/json_to_wds.py make them)")
     build_ds_config(cfg, world)  # refuse a bad batch/ZeRO set-up before building anything
     tokenizer = prepare_text(cfg)
+    hooks = build_hooks(cfg)  # first: a method may hold a shard out of the training data
     data = ShardData(cfg, tokenizer, rank, world)
-    hooks = build_hooks(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, data, hooks, desc="pretrain").setup()

@@ -247,12 +247,14 @@ class ALBEF(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float = 0.0, idx: Optional[torch.Tensor] = None, update: bool = True,
-                online: Optional[dict] = None) -> ALBEFOutput:
+                online: Optional[dict] = None, use_queue: bool = True) -> ALBEFOutput:
         """Losses of one batch.
 
         ``idx`` (image ids, [B]) is required by the retrieval model; in pretraining it is
         optional and only keeps same-image pairs out of the ITM negatives. ``update=False``
-        leaves the momentum weights and the queues untouched (held-out loss measurements).
+        leaves the momentum weights and the queues untouched (held-out loss measurements);
+        ``use_queue=False`` scores ITC against the batch's momentum features only, so that a
+        measurement does not depend on what the queue holds.
 
         ``online`` replaces inputs of the *online* encoders only (data-side balancing); the
         momentum passes, and so the ITC and MLM distillation targets and the queues, see the
@@ -305,11 +307,15 @@ class ALBEF(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
             text_tokens_m_both = self.text_encoder_m.forward_text(ids_both, mask_both)
             text_feat_m = F.normalize(self.text_proj_m(text_tokens_m_both[:B, 0]), dim=-1)
-            # cat copies: the queues may be overwritten below while these are still in use
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
-            pos = itc_positive_mask(B, cfg.queue_size, idx if self.retrieval else None,
-                                    self.idx_queue if self.retrieval else None, device=image.device)
+            if use_queue:
+                # cat copies: the queues may be overwritten below while these are still in use
+                image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
+                text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
+                queue_len, idx_queue = cfg.queue_size, self.idx_queue if self.retrieval else None
+            else:
+                image_feat_all, text_feat_all = image_feat_m.t(), text_feat_m.t()
+                queue_len, idx_queue = 0, self.idx_queue[:, :0] if self.retrieval else None
+            pos = itc_positive_mask(B, queue_len, idx if self.retrieval else None, idx_queue, device=image.device)
             if distill:
                 i2t_targets = itc_targets(pos, image_feat_m @ text_feat_all / temp, alpha)
                 t2i_targets = itc_targets(pos, text_feat_m @ image_feat_all / temp, alpha)
