@@ -185,19 +185,26 @@ class Snapshot:
     def loss(self, out, ctx):
         return self.inner.loss(out, ctx)
 
-    def _moments(self):
+    def _layout(self):
+        """{name: (optimizer tensor, offset, length)} of this rank's share of each parameter
+        (taken while the gradients exist: ZeRO 1/2 free them at the step)."""
         from albef_bal.engine.grads import optimizer_slot
-        from albef_bal.engine.optim import find_gain_optimizer
-        opt = find_gain_optimizer(self.trainer.optimizer, "test")
         out = {}
         for n, p in self.trainer.module.named_parameters():
             view = GradView(p) if p.requires_grad else None
-            slot, off = optimizer_slot(p) if view is not None else (None, 0)
-            if slot is None or view.flat is None:
-                continue
+            slot, off = optimizer_slot(p, self.trainer.optimizer) if view is not None else (None, 0)
+            if slot is not None and view.flat is not None:
+                out[n] = (slot, off, view.flat.numel())
+        return out
+
+    def _moments(self):
+        from albef_bal.engine.optim import find_gain_optimizer
+        opt = find_gain_optimizer(self.trainer.optimizer, "test")
+        out = {}
+        for n, (slot, off, numel) in self._share.items():
             st = opt.state.get(slot, {})
-            out[n] = {k: (st[k].reshape(-1).narrow(0, off, view.flat.numel()).clone() if k in st else
-                          torch.zeros(view.flat.numel())) for k in ("exp_avg", "exp_avg_sq")}
+            out[n] = {k: (st[k].reshape(-1).narrow(0, off, numel).clone() if k in st else torch.zeros(numel))
+                      for k in ("exp_avg", "exp_avg_sq")}
         return out
 
     def before_step(self, ctx):
@@ -214,6 +221,7 @@ class Snapshot:
         self.inner.before_step(ctx)
         after = {names[id(p)]: GradView(p).flat.clone() for p in params if GradView(p).flat is not None}
         groups = self.trainer.optimizer.param_groups
+        self._share = self._layout()
         self.records.append({"before": before, "after": after, "lrs": {g["name"]: g["lr"] for g in groups},
                              "m_gain": {g["name"]: g.get("m_gain", 1.0) for g in groups}, "uni": uni,
                              "k": dict(getattr(self.inner, "k", {})), "moments_before": self._moments()})

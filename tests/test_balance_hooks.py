@@ -147,8 +147,15 @@ def test_moment_mode_scales_only_the_first_moment_under_each_zero_stage(grad_run
             extra = (m1 - b1 * m0) / (1 - b1) - k * g  # the noise that entered m (0 without GE)
             in_branch = any(n in r["branches"][x] for x in ("vision", "text")) and _two_dim(r, n)
             if ge and in_branch:
-                if extra.numel() >= 2000:
-                    assert extra.std().item() == pytest.approx(g.std().item() + 1e-8, rel=0.1), n
+                # unit Gaussian noise times each element's RMS gradient sqrt(v_hat) of this step
+                t = r["records"].index(rec) + 1
+                rms = (v1 / (1 - b2 ** t)).sqrt()
+                live = rms > 0
+                assert extra[~live].abs().max().item() == 0.0 if (~live).any() else True, n
+                if int(live.sum()) >= 2000:
+                    z = extra[live] / rms[live]
+                    assert z.std().item() == pytest.approx(1.0, rel=0.1), n
+                    assert abs(z.mean().item()) < 0.1, n
                     noise_checked += 1
             else:
                 torch.testing.assert_close(extra, torch.zeros_like(extra), rtol=0, atol=1e-5 * scale), n
@@ -335,8 +342,12 @@ def test_weaken_in_training_follows_the_decided_strengths(weaken_runs, variant):
             if variant == "weaken_patch_mask":
                 assert set(online) == {"patch_keep"}
                 assert online["patch_keep"].shape[1] == r["patches"] - round(st["vision"] * r["patches"])
-            else:
-                assert set(online) == {"image"} and not torch.equal(online["image"], clean["image"])
+            else:  # blur with sigma = strength x blur_sigma (2 pixels)
+                from albef_bal.balance import gaussian_blur
+                assert set(online) == {"image"}
+                torch.testing.assert_close(online["image"], gaussian_blur(clean["image"], st["vision"] * 2.0),
+                                           rtol=1e-6, atol=1e-6)
+                assert not torch.equal(online["image"], clean["image"])
         else:
             key = "input_ids" if variant == "weaken_patch_mask" else "attention_mask"
             assert set(online) == {key}
@@ -376,10 +387,11 @@ def test_two_ranks_zero2_equal_one_rank_on_the_same_global_batch(equivalence_run
         for k in x:
             # Float reduction order differs between the runs. Well-conditioned values agree
             # to ~1e-5; G-Blend's G/O^2 divides by a squared difference of loss differences
-            # (~1e-4 relative), and MMPareto's per-tensor scale includes tensors whose exact
-            # gradient is zero (attention key biases), where |m + u| / |new| is a ratio of
+            # (~1e-4 relative; ~1e-3 with in-batch measurements, whose loss differences over a
+            # 2-step window are smaller), and MMPareto's per-tensor scale includes tensors whose
+            # exact gradient is zero (attention key biases), where |m + u| / |new| is a ratio of
             # rounding noise (~1e-3 relative on its mean and max)
-            rel = 5e-3 if "/scale_" in k else 1e-3
+            rel = 5e-3 if "/scale_" in k or k.startswith("gblend/w_") else 1e-3
             assert y[k] == pytest.approx(x[k], rel=rel, abs=2e-5), (x["step"], k)
             method_keys += k.startswith(("ogm/", "gblend/", "mmpareto/", "relearn/", "weaken/"))
     assert method_keys > 0 or variant == "none"
@@ -639,7 +651,8 @@ def test_new_presets_run_through_the_cli_on_the_synthetic_corpus(corpus, tmp_pat
     _cli(corpus, tmp_path / "om", "pretrain", "--config", "configs/balance/ogm_moment.yaml", "--set",
          "train.max_steps=2")
     rows = [json.loads(x) for x in open(tmp_path / "om" / "metrics.jsonl")]
-    assert all(0 <= r["ogm/k_v"] <= 1 and "ogm/ge_noise_ratio_v" in r for r in rows if "ogm/k_v" in r)
+    ks = [r for r in rows if "ogm/k_v" in r]
+    assert len(ks) == 2 and all(0 <= r["ogm/k_v"] <= 1 and 0 <= r["ogm/k_t"] <= 1 for r in ks)
     # G-Blend with the fixes: the held-out subset is a training shard that training never reads
     _cli(corpus, tmp_path / "gb", "pretrain", "--config", "configs/balance/gblend_fixed.yaml", "--set",
          "train.max_steps=2", "--set", "balance.gblend.window=1", "--set", "balance.gblend.samples=16")

@@ -109,6 +109,33 @@ def test_first_moment_addition_reaches_m_and_not_v():
     assert not opt._m_extra  # additions are used once
 
 
+def test_relative_addition_is_in_units_of_each_elements_rms_gradient():
+    b1, b2 = 0.9, 0.99
+    p = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = GainAdamW([p], lr=1e-2, betas=(b1, b2), eps=1e-8, weight_decay=0.0)
+    # elements 0-1 never get a gradient: no noise may reach them (v = 0)
+    scales = torch.tensor([0.0, 0.0, 1e-4, 1e-2, 1.0, 1e2], dtype=torch.float64)
+    m = torch.zeros(6, dtype=torch.float64)
+    v = torch.zeros(6, dtype=torch.float64)
+    for t in range(1, 6):
+        g = scales * (1.0 + 0.1 * t)
+        z = torch.randn(1, generator=torch.Generator().manual_seed(t), dtype=torch.float64).expand(6).clone()
+        p.grad = g.clone()
+        opt.add_first_moment(p, z, relative=True)
+        before = p.detach().clone()
+        opt.step()
+        v = b2 * v + (1 - b2) * g * g
+        v_hat = v / (1 - b2 ** t)
+        m = b1 * m + (1 - b1) * (g + z * v_hat.sqrt())
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=1e-12, atol=1e-300)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], v, rtol=1e-12, atol=0)
+        step = (before - p.detach()).abs()
+        assert step[:2].max() == 0.0  # no gradient, no noise, no step
+        # the same noise draw moves the normalised step alike for gradients 6 orders of
+        # magnitude apart (noise of the tensor's std would swamp the small ones)
+        torch.testing.assert_close(step[2:], step[2:].mean().expand(4), rtol=1e-3, atol=0)
+
+
 def _steady_displacement(mode, k, steps=300, seed=3):
     """One scalar tensor with a noisy gradient of mean 1: the mean step size of the last
     half of ``steps`` AdamW steps (lr 1e-3, no weight decay)."""

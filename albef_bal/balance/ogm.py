@@ -66,8 +66,15 @@ Gaussian noise with the standard deviation of its unmodulated global-batch gradi
 from a generator seeded by (run seed, step, tensor), so every rank adds the same noise to
 the part it holds. ``ge_into: grad`` adds it to the gradient (the authors' choice: under
 Adam it also enters, and inflates, the second moment); ``ge_into: moment`` adds it to the
-gradient that enters the first moment only (through ``GainAdamW.add_first_moment``), so
-that v sees the raw gradient.
+gradient that enters the first moment only (``GainAdamW.add_first_moment``), so that v
+sees the raw gradient. There the noise's scale is each element's own RMS gradient,
+sqrt(v_hat) of the step, instead of the tensor's std (new here): with the tensor's std,
+an element whose own gradient is far below the tensor's spread (the embedding row of a
+token absent from the batch, the exactly-zero gradient of an attention key bias) would take
+normalised steps of |n| / (sqrt(v) + eps) >> 1; in the tiny test model its weights grew to
+about 7e4 within 4 steps. Scaled by sqrt(v_hat), the noise's share of the normalised step
+m_hat / sqrt(v_hat) is a unit Gaussian times (1 - b1) for every element (0 where v is 0),
+about what the authors' noise gives through both moments, without shrinking the step.
 """
 from __future__ import annotations
 
@@ -290,15 +297,15 @@ class OGMGEHooks(BalanceHooks):
     def _modulate(self, ctx: StepContext, scale: bool, ge: bool) -> dict[str, float]:
         """grad <- k * grad on this rank's share of every target tensor (``scale``), and GE
         noise into that gradient or into the first moment only (``ge_into``). Returns the
-        noise-to-gradient norm ratio per branch (diagnostic)."""
+        noise-to-gradient norm ratio per branch for gradient noise (diagnostic)."""
         ratios = {}
-        into_moment = self.ocfg.ge_into == "moment"
-        moment_noise: dict = {}  # optimizer tensor -> flat noise buffer (first moment only)
+        into_moment = ge and self.ocfg.ge_into == "moment"
+        moment_noise: dict = {}  # optimizer tensor -> flat unit-noise buffer (first moment only)
         for bi, b in enumerate(BRANCHES):
             k = self.k[b] if scale else 1.0
             views = grad_views(self.targets[b])
             std = None
-            if ge:
+            if ge and not into_moment:
                 # per-tensor std of the unmodulated global gradient (Bessel, as torch.std)
                 rows = torch.stack([
                     torch.stack([v.flat.double().sum(), v.flat.double().pow(2).sum()]) if v.flat is not None
@@ -313,27 +320,29 @@ class OGMGEHooks(BalanceHooks):
                     continue
                 if k != 1.0:
                     v.flat.mul_(k)
-                if std is not None:
-                    p = v.param
-                    gen = torch.Generator(device=v.flat.device)
-                    gen.manual_seed(_noise_seed(self.cfg.train.seed, ctx.step, bi, i))
-                    noise = torch.randn(p.numel(), generator=gen, dtype=torch.float32, device=v.flat.device)
-                    noise = v.slice_of(noise).mul_(std[i] + GE_EPS)
-                    if into_moment:
-                        slot, offset = optimizer_slot(p)
-                        if slot is not None:
-                            buf = moment_noise.get(slot)
-                            if buf is None:
-                                buf = moment_noise[slot] = torch.zeros(slot.numel(), dtype=torch.float32,
-                                                                       device=slot.device)
-                            buf.narrow(0, offset, noise.numel()).add_(noise.to(buf.device))
-                    else:
-                        v.flat.add_(noise.to(v.flat.dtype))
+                if not ge:
+                    continue
+                p = v.param
+                gen = torch.Generator(device=v.flat.device)
+                gen.manual_seed(_noise_seed(self.cfg.train.seed, ctx.step, bi, i))
+                noise = v.slice_of(torch.randn(p.numel(), generator=gen, dtype=torch.float32, device=v.flat.device))
+                if not into_moment:
+                    v.flat.add_(noise.mul_(std[i] + GE_EPS).to(v.flat.dtype))
+                    continue
+                # unit noise, scaled by GainAdamW to each element's RMS gradient (relative=True)
+                slot, offset = optimizer_slot(p, self.trainer.optimizer)
+                if slot is None:  # this rank holds a share of the gradient, so it steps one
+                    raise RuntimeError("OGM-GE ge_into=moment: no optimizer tensor holds this rank's share "
+                                       f"of a {tuple(p.shape)} parameter (unsupported engine set-up)")
+                buf = moment_noise.get(slot)
+                if buf is None:
+                    buf = moment_noise[slot] = torch.zeros(slot.numel(), dtype=torch.float32, device=slot.device)
+                buf.narrow(0, offset, noise.numel()).add_(noise.to(buf.device))
             if std is not None:
                 noise_sq = sum((s + GE_EPS) ** 2 * v.param.numel() for s, v in zip(std, views))
                 ratios[b] = math.sqrt(noise_sq / grad_sq) if grad_sq > 0 else 0.0
         for slot, buf in moment_noise.items():
-            self.gain_opt.add_first_moment(slot, buf.view(slot.shape).to(slot.dtype))
+            self.gain_opt.add_first_moment(slot, buf.view(slot.shape).to(slot.dtype), relative=True)
         return ratios
 
     def state_dict(self) -> dict:

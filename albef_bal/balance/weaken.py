@@ -7,7 +7,7 @@ queues, see the clean batch. The nearest published relatives act elsewhere: OPM 
 TPAMI 2024) drops the leading modality's *features*; FLIP (Li et al., CVPR 2023) drops image
 patch tokens at random to train faster, not to balance.
 
-Strength, from the global batch's scores s_v, s_t (``balance.score``; see common.py):
+Strength, from the global batch's branch scores s_v, s_t (``BalanceHooks.global_scores``):
 
     r = s_lead / s_lag >= 1,   s = max_strength * tanh(beta * max(0, r - 1 - margin))
 
@@ -53,8 +53,10 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import distributed as D
 from ..config import ConfigError
 from ..engine.hooks import StepContext
 from .common import BalanceHooks
@@ -186,6 +188,7 @@ class WeakenHooks(BalanceHooks):
         self.world = max(1, trainer.world)
         self.rank = trainer.rank
         self.strength = {"vision": 0.0, "text": 0.0}
+        self._hidden = torch.zeros(2, dtype=torch.float64)  # caption tokens weakened / attended, since the last log
         if w.constant is not None:  # ablation: fixed strengths from the first step on
             self.strength = {"vision": float(w.constant[0]), "text": float(w.constant[1])}
         vit = self.module.visual_encoder
@@ -193,7 +196,7 @@ class WeakenHooks(BalanceHooks):
             if trainer.cfg.model.vision.backbone != "vit":
                 raise ConfigError("balance.weaken.image=patch_drop needs the built-in ViT "
                                   f"(model.vision.backbone='vit'), not '{trainer.cfg.model.vision.backbone}'")
-            self.num_patches = vit.pos_embed.shape[1] - 1
+            self.patch_size = vit.patch_embed.patch_size
         t = trainer.cfg.model.text
         self.mask_token_id = t.mask_token_id
         special = (t.pad_token_id, t.cls_token_id, t.sep_token_id, t.mask_token_id)
@@ -249,7 +252,8 @@ class WeakenHooks(BalanceHooks):
         if s_v > 0:
             kind = self.wcfg.image
             if kind == "patch_drop":
-                online["patch_keep"] = patch_keep_indices(image.shape[0], self.num_patches, s_v, gen, image.device)
+                patches = (image.shape[-2] // self.patch_size) * (image.shape[-1] // self.patch_size)
+                online["patch_keep"] = patch_keep_indices(image.shape[0], patches, s_v, gen, image.device)
             elif kind == "blur":
                 online["image"] = gaussian_blur(image, s_v * self.wcfg.blur_sigma)
             else:
@@ -261,8 +265,19 @@ class WeakenHooks(BalanceHooks):
                 online["input_ids"] = ids.masked_fill(chosen, self.mask_token_id)
             else:
                 online["attention_mask"] = mask.masked_fill(chosen, 0)
-            self.means.add(**{"weaken/words_hidden": float(chosen.sum()) / max(1.0, float((mask > 0).sum()))})
+            self._hidden += torch.stack([chosen.sum(), (mask > 0).sum()]).double().cpu()
         return {**batch, "online": online}
+
+    def metrics(self) -> dict:
+        out = super().metrics()
+        counts = self._hidden.clone()
+        if D.get_world_size() > 1:  # every rank's micro batches (metrics() runs on every rank)
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        if counts[0] > 0:
+            out["weaken/words_hidden"] = float(counts[0] / counts[1].clamp_min(1.0))
+        self._hidden.zero_()
+        return out
 
     def state_dict(self) -> dict:
         return {"strength": dict(self.strength)}

@@ -30,13 +30,15 @@ What each point may do:
   schedule resets it at the step) or ``m_gain``, the optimizer-side gain: the trainer's
   optimizer is :class:`~albef_bal.engine.optim.GainAdamW`, whose groups scale the gradient
   entering AdamW's first moment by ``m_gain`` (kept until changed), and whose
-  ``add_first_moment(tensor, delta)`` adds to the first moment's input of the next step
-  only (``engine.grads.optimizer_slot`` finds the tensor and offset that hold this rank's
-  share of a parameter under ZeRO 0/1/2). The groups are reached through
+  ``add_first_moment(tensor, delta, relative=False)`` adds to the first moment's input of
+  the next step only (``relative=True``: in units of each element's RMS gradient,
+  sqrt(v_hat)); ``engine.grads.optimizer_slot(param, trainer.optimizer)`` finds the tensor
+  and offset that hold this rank's share of a parameter under ZeRO 0/1/2. The groups are reached through
   ``trainer.optimizer.param_groups`` on every ZeRO stage.
 - ``after_step(ctx)``: the weights of this step are written (held-out measurements).
 - ``on_epoch_end(epoch)``: after the last step of an epoch (re-initialisation).
-- ``metrics()`` at log steps; ``state_dict()`` / ``load_state_dict()`` travel with
+- ``metrics()`` at log steps, on every rank at the same steps (a method may reduce its
+  counters across ranks there); ``state_dict()`` / ``load_state_dict()`` travel with
   checkpoints, so a resumed run takes the same decisions as an uninterrupted one.
 
 Nothing else in the model or the engine needs to change for a method.

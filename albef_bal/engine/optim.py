@@ -57,13 +57,17 @@ class GainAdamW(torch.optim.AdamW):
         super().add_param_group(param_group)
         _check_gain(self.param_groups[-1].setdefault("m_gain", 1.0))
 
-    def add_first_moment(self, param: torch.Tensor, delta: torch.Tensor) -> None:
+    def add_first_moment(self, param: torch.Tensor, delta: torch.Tensor, relative: bool = False) -> None:
         """Add ``delta`` (the shape of ``param``, an optimizer parameter) to the gradient that
         enters ``param``'s first moment at the next step only (not to the second moment),
-        e.g. noise. Calls before one step add up."""
+        e.g. noise. With ``relative=True`` ``delta`` is in units of each element's RMS
+        gradient: it is multiplied elementwise by sqrt(v_hat), the bias-corrected second moment
+        after that step's update, so that its share of the normalised step m_hat / sqrt(v_hat)
+        does not depend on the element's gradient scale (and is 0 where v is 0). Calls before
+        one step add up (separately for absolute and relative additions)."""
         if delta.shape != param.shape:
             raise ValueError(f"delta of shape {tuple(delta.shape)} for a parameter of shape {tuple(param.shape)}")
-        key = param
+        key = (param, bool(relative))
         prev = self._m_extra.get(key)
         self._m_extra[key] = delta.detach().clone() if prev is None else prev.add_(delta)
 
@@ -72,10 +76,10 @@ class GainAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             k = float(group.get("m_gain", 1.0))
             _check_gain(k)
-            extras = [p for p in group["params"] if p in self._m_extra]
+            extras = [(p, rel) for p in group["params"] for rel in (False, True) if (p, rel) in self._m_extra]
             if k == 1.0 and not extras:
                 continue
-            b1 = float(group["betas"][0])
+            b1, b2 = float(group["betas"][0]), float(group["betas"][1])
             if b1 == 0.0:
                 raise ValueError("GainAdamW: a first-moment gain or addition needs betas[0] > 0")
             # torch's own lazy state initialisation (what the step would do first)
@@ -86,10 +90,18 @@ class GainAdamW(torch.optim.AdamW):
                 sign = -1.0 if group.get("maximize", False) else 1.0
                 torch._foreach_add_([self.state[p]["exp_avg"] for p in with_grad], [p.grad for p in with_grad],
                                     alpha=sign * c * (k - 1.0))
-            for p in extras:
-                delta = self._m_extra.pop(p)
-                if p.grad is not None:
-                    self.state[p]["exp_avg"].add_(delta.to(self.state[p]["exp_avg"].dtype), alpha=c)
+            for p, rel in extras:
+                delta = self._m_extra.pop((p, rel))
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                delta = delta.to(st["exp_avg"].dtype)
+                if rel:  # in units of sqrt(v_hat) of this step: (b2 v + (1 - b2) g^2) / (1 - b2^t)
+                    g = p.grad.to(st["exp_avg_sq"].dtype)
+                    t = st["step"].to(torch.float64) + 1.0
+                    v = st["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1.0 - b2)
+                    delta = delta * (v / (1.0 - b2 ** t).to(v.dtype)).sqrt_()
+                st["exp_avg"].add_(delta, alpha=c)
 
     def step(self, closure=None):
         loss = None
