@@ -63,8 +63,9 @@ class GainAdamW(torch.optim.AdamW):
         e.g. noise. With ``relative=True`` ``delta`` is in units of each element's RMS
         gradient: it is multiplied elementwise by sqrt(v_hat), the bias-corrected second moment
         after that step's update, so that its share of the normalised step m_hat / sqrt(v_hat)
-        does not depend on the element's gradient scale (and is 0 where v is 0). Calls before
-        one step add up (separately for absolute and relative additions)."""
+        does not depend on the element's gradient scale (and is 0 where v is 0; with
+        ``amsgrad`` still v itself, not its running maximum). Calls before one step add up
+        (separately for absolute and relative additions)."""
         if delta.shape != param.shape:
             raise ValueError(f"delta of shape {tuple(delta.shape)} for a parameter of shape {tuple(param.shape)}")
         key = (param, bool(relative))
