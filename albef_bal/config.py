@@ -350,11 +350,18 @@ class OGMGEConfig:
     """OGM-GE (Peng et al., CVPR 2022); see albef_bal/balance/ogm.py."""
     alpha: float = 0.8  # k = 1 - tanh(alpha * rho) for the dominant branch (authors' CREMA-D run: 0.8)
     # "grad": scale the dominant branch's gradient by k (faithful); "lr": scale its learning
-    # rate by k for that step (adaptation for Adam-family optimizers)
-    mode: Literal["grad", "lr"] = "grad"
+    # rate by k for that step (adaptation for Adam-family optimizers); "moment": scale only
+    # the gradient entering AdamW's first moment (GainAdamW's m_gain; new here)
+    mode: Literal["grad", "lr", "moment"] = "grad"
+    # "ogm": k = 1 - tanh(alpha * rho) for the leader only (Peng et al.); "mlb": both
+    # branches, k = 1 + tanh(alpha * (s_other / s_self - 1)) (Kontras et al., BMVC 2024)
+    rule: Literal["ogm", "mlb"] = "ogm"
     start_epoch: int = 0  # modulate in epochs start_epoch..end_epoch, both inclusive (0-based)
     end_epoch: int = 50
     ge: bool = True  # add the generalisation-enhancement noise
+    # where GE noise goes: "grad" (the authors': both Adam moments see it) or "moment" (the
+    # gradient entering the first moment only)
+    ge_into: Literal["grad", "moment"] = "grad"
 
     def validate(self, key: str) -> None:
         if self.alpha < 0:
@@ -383,9 +390,29 @@ class GBlendConfig:
     val_image_root: Optional[str] = None
     samples: int = 256  # pairs per subset
     eps: float = 1e-8  # floor of O_k^2
+    # where the held-out subset comes from: "val_split" (above); "train_shard": a training
+    # shard that training then never reads (val_split if it names one, else the last shard
+    # of data.train_shards), so both subsets share the training distribution
+    holdout: Literal["val_split", "train_shard"] = "val_split"
+    # each weight (normalised to sum 1) is raised to at least `floor`, the others scaled
+    # down in proportion (0 = off); `uniform_mix` blends with equal weights:
+    # w <- (1 - mix) w + mix / 3 (0 = off). Either keeps a loss that stopped improving trainable
+    floor: float = 0.0
+    uniform_mix: float = 0.0
+    # the loss measurements: distillation weight (null = model.alpha, as in training; 0 = none)
+    # and whether ITC also scores against the queue (false: the batch's momentum features
+    # only, so the measurement does not move with the queue's contents)
+    measure_alpha: Optional[float] = None
+    measure_queue: bool = True
 
     def validate(self, key: str) -> None:
         _positive(self, key, "window", "samples", "eps")
+        if not 0.0 <= self.floor < 1.0 / 3.0:
+            raise ConfigError(f"{key}.floor must be in [0, 1/3) (three weights summing to 1), got {self.floor}")
+        if not 0.0 <= self.uniform_mix <= 1.0:
+            raise ConfigError(f"{key}.uniform_mix must be in [0, 1], got {self.uniform_mix}")
+        if self.measure_alpha is not None and not 0.0 <= self.measure_alpha <= 1.0:
+            raise ConfigError(f"{key}.measure_alpha must be in [0, 1] or null, got {self.measure_alpha}")
         if self.weights is not None:
             if len(self.weights) != 3 or any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
                 raise ConfigError(f"{key}.weights must be 3 non-negative numbers with a positive sum "
@@ -426,16 +453,52 @@ class RelearnConfig:
     kmeans_iters: int = 25
     kmeans_redo: int = 5
     seed: int = 0
+    # where the held-out subset comes from, as balance.gblend.holdout
+    holdout: Literal["val_split", "train_shard"] = "val_split"
+    # re-learn a branch only when |P_train - P_val| exceeds this many standard errors of the
+    # gap (binomial: sqrt(P_t (1 - P_t) / N_t + P_v (1 - P_v) / N_v)); 0 = always (the authors')
+    min_gap_se: float = 0.0
 
     def validate(self, key: str) -> None:
         _positive(self, key, "every", "samples", "num_clusters", "kmeans_iters", "kmeans_redo")
-        if self.lam < 0 or self.max_times < 0:
-            raise ConfigError(f"{key}.lam and {key}.max_times must be >= 0")
+        if self.lam < 0 or self.max_times < 0 or self.min_gap_se < 0:
+            raise ConfigError(f"{key}.lam, {key}.max_times and {key}.min_gap_se must be >= 0")
+
+
+@dataclass
+class WeakenConfig:
+    """Weakening the leading modality's input (new here); see albef_bal/balance/weaken.py."""
+    # images: "patch_drop" (FLIP-style patch-token dropout), "blur" or "downsample"
+    image: Literal["patch_drop", "blur", "downsample"] = "patch_drop"
+    # captions: "mask" (content words -> [MASK]) or "drop" (content words hidden from attention)
+    text: Literal["mask", "drop"] = "mask"
+    # strength of the leader = max_strength * tanh(beta * max(0, s_lead / s_lag - 1 - margin)):
+    # the share of patches dropped / of content words weakened, or of blur_sigma / of the
+    # resolution removed
+    max_strength: float = 0.5
+    beta: float = 2.0
+    margin: float = 0.0
+    blur_sigma: float = 2.0  # pixels at the model's resolution, at strength 1
+    # content words exclude English function words (read from data.tokenizer's vocabulary);
+    # false: every non-special token
+    stopwords: bool = True
+    # ablation control: fixed strengths [vision, text] at every step, whatever the scores
+    # (the same input weakening without the balancing decision); null = from the scores
+    constant: Optional[list[float]] = None
+
+    def validate(self, key: str) -> None:
+        if not 0.0 < self.max_strength <= 1.0:
+            raise ConfigError(f"{key}.max_strength must be in (0, 1], got {self.max_strength}")
+        if self.constant is not None and (len(self.constant) != 2 or not all(0.0 <= x <= 1.0 for x in self.constant)):
+            raise ConfigError(f"{key}.constant must be two strengths in [0, 1] [vision, text], got {self.constant}")
+        _positive(self, key, "beta", "blur_sigma")
+        if self.margin < 0:
+            raise ConfigError(f"{key}.margin must be >= 0, got {self.margin}")
 
 
 @dataclass
 class BalanceConfig:
-    method: Literal["none", "ogm_ge", "gblend", "mmpareto", "relearn"] = "none"
+    method: Literal["none", "ogm_ge", "gblend", "mmpareto", "relearn", "weaken"] = "none"
     # the branch score that the metrics log and the score-reading methods use
     # (albef_bal/balance/scores.py): "itc" = the ITC halves' positive probability (blind to
     # which modality is degraded); "uniformity" = held-out uniformity of each encoder's ITC
@@ -452,9 +515,10 @@ class BalanceConfig:
     # ALBEF adaptation); "ssl" = its feature-space loss of model.unimodal (a true unimodal
     # loss, as in the methods' papers; needs model.unimodal.image and .text on)
     unimodal_loss: Literal["itc", "ssl"] = "itc"
+    weaken: WeakenConfig = field(default_factory=WeakenConfig)
 
     def validate(self, key: str) -> None:
-        for name in ("ogm_ge", "gblend", "mmpareto", "relearn"):
+        for name in ("ogm_ge", "gblend", "mmpareto", "relearn", "weaken"):
             getattr(self, name).validate(f"{key}.{name}")
         _positive(self, key, "score_every")
         if self.score_samples < 2:

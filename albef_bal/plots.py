@@ -8,8 +8,8 @@
 - ``balance.png``: branch scores s_v and s_t, their ratio rho_v = s_v / s_t, and the
   per-branch gradient norms (logged for every method, ``none`` included);
 - one PNG per balancing method whose diagnostics appear in the log (``ogm.png``,
-  ``gblend.png``, ``mmpareto.png``, ``relearn.png``): coefficients, weights, cosines,
-  purities, alphas;
+  ``gblend.png``, ``mmpareto.png``, ``relearn.png``, ``weaken.png``): coefficients, weights,
+  cosines, purities, alphas, weakening strengths;
 - ``diagnostics.png`` when the run diagnosed itself (``diagnose.every``): probe gain per
   encoder over the initialisation (with its 95% interval), fusion reliance on the image and
   the text, modality gap, alignment and uniformity.
@@ -29,7 +29,7 @@ UPDATE_PANEL = "relative update ||dθ|| / ||θ|| per log window"
 # SimSiam's loss lives in [-1, 1], far below the others: a panel of its own
 UNIMODAL_KEYS = ("loss_uni_image", "loss_uni_text")
 METHOD_PREFIXES = {"ogm": "OGM-GE", "gblend": "Gradient Blending", "mmpareto": "MMPareto",
-                   "relearn": "Diagnosing & Re-learning"}
+                   "relearn": "Diagnosing & Re-learning", "weaken": "Weakening the leading input"}
 
 
 def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:

@@ -2,7 +2,7 @@
 """Training-step throughput: pairs per second and peak memory of one full ALBEF step.
 
     python bench/train_step.py --size bench-small|albef-base [--batch N[,N...]]
-        [--precision fp32|bf16|fp16[,...]] [--zero N] [--balance METHOD[,METHOD...]]
+        [--precision fp32|bf16|fp16[,...]] [--zero N] [--balance METHOD|PRESET.yaml[,...]]
         [--unimodal IMAGE:TEXT[,IMAGE:TEXT...]] [--threads N] [--warmup 3] [--steps 10] [--interleave]
         [--set KEY=VALUE ...]
 
@@ -287,8 +287,10 @@ def make_config(args, size: str, batch: int, precision: str, balance: str, out_d
                 pkg: str = "albef_bal", extra: tuple = ()):
     from importlib import import_module
     load_config = import_module(f"{pkg}.config").load_config
-    overrides = list(SIZES[size]["overrides"]) + [
-        f"train.micro_batch_size={batch}", f"train.precision={precision}", f"balance.method={balance}",
+    # a balancing method by name, or a preset YAML (e.g. configs/balance/ogm_moment.yaml)
+    preset = balance if balance.endswith((".yaml", ".yml")) else None
+    overrides = list(SIZES[size]["overrides"]) + ([] if preset else [f"balance.method={balance}"]) + [
+        f"train.micro_batch_size={batch}", f"train.precision={precision}",
         f"train.output_dir={out_dir}", "train.tensorboard=false", "train.log_every=1000000000",
         "train.save_every=0", "train.warmup_steps=10", "train.alpha_warmup=false",
         f"train.deepspeed_config={ROOT}/configs/deepspeed/zero0.json"]
@@ -296,7 +298,9 @@ def make_config(args, size: str, batch: int, precision: str, balance: str, out_d
         overrides.append(f"train.zero_stage={args.zero}")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    return load_config(SIZES[size].get("config"), overrides + list(extra) + list(args.set))
+    base = SIZES[size].get("config")
+    configs = ([base] if isinstance(base, str) else list(base or [])) + ([preset] if preset else [])
+    return load_config(configs or None, overrides + list(extra) + list(args.set))
 
 
 def main(argv=None) -> int:
@@ -305,7 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default=None, help="micro batch per step; comma-separated for several")
     p.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16; comma-separated for several")
     p.add_argument("--zero", type=int, default=None, help="run the DeepSpeed engine at this ZeRO stage")
-    p.add_argument("--balance", default="none", help="balancing method(s); 'none' is always measured too")
+    p.add_argument("--balance", default="none",
+                   help="balancing method(s) or preset YAML(s) (configs/balance/*.yaml); 'none' is always measured too")
     p.add_argument("--unimodal", default="none:none",
                    help="unimodal losses as image:text pairs (model.unimodal), e.g. simsiam:none,none:mlm; "
                         "'none:none' is always measured too")

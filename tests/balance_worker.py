@@ -31,17 +31,17 @@ from albef_bal.engine.trainer import Trainer  # noqa: E402
 from albef_bal.models import ALBEF  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREFIXES = ("ogm/", "gblend/", "mmpareto/", "relearn/")
+PREFIXES = ("ogm/", "gblend/", "mmpareto/", "relearn/", "weaken/")
 
 
 class BatchSeededALBEF(ALBEF):
     """ALBEF whose loss is a pure function of (weights, batch): no momentum/queue updates,
     masks and negatives seeded by the batch content."""
 
-    def forward(self, image, input_ids, attention_mask, alpha=0.0, idx=None, update=True):
+    def forward(self, image, input_ids, attention_mask, alpha=0.0, idx=None, update=True, **kwargs):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(input_ids.sum()) * 31 + int(input_ids.shape[0]))
-            return super().forward(image, input_ids, attention_mask, alpha=alpha, idx=idx, update=False)
+            return super().forward(image, input_ids, attention_mask, alpha=alpha, idx=idx, update=False, **kwargs)
 
 
 class GlobalPairs:
@@ -81,29 +81,57 @@ def make_cfg(out, method, *extra):
                        "model.queue_size=32", "model.text.dropout=0.0", f"balance.method={method}", *extra)
 
 
-METHOD_SETTINGS = {
-    "none": [],
-    "ogm_ge": ["balance.ogm_ge.alpha=0.5"],
-    "ogm_ge_lr": ["balance.ogm_ge.alpha=0.5", "balance.ogm_ge.mode=lr"],
-    "gblend": ["balance.gblend.mode=online", "balance.gblend.window=2"],
-    "mmpareto": [],
-    "mmpareto_global": ["balance.mmpareto.rescale=global"],
-    "relearn": ["balance.relearn.every=1", "balance.relearn.max_times=2"],
+# variant -> (balance.method, its settings)
+VARIANTS = {
+    "none": ("none", []),
+    "ogm_ge": ("ogm_ge", ["balance.ogm_ge.alpha=0.5"]),
+    "ogm_ge_noge": ("ogm_ge", ["balance.ogm_ge.alpha=0.5", "balance.ogm_ge.ge=false"]),
+    "ogm_ge_lr": ("ogm_ge", ["balance.ogm_ge.alpha=0.5", "balance.ogm_ge.mode=lr"]),
+    # first-moment modulation with GE noise into the first moment only
+    "ogm_moment": ("ogm_ge", ["balance.ogm_ge.alpha=0.5", "balance.ogm_ge.mode=moment",
+                              "balance.ogm_ge.ge_into=moment"]),
+    "ogm_moment_noge": ("ogm_ge", ["balance.ogm_ge.alpha=0.5", "balance.ogm_ge.mode=moment",
+                                   "balance.ogm_ge.ge=false"]),
+    # the bidirectional rule in the three modes
+    "mlb_moment": ("ogm_ge", ["balance.ogm_ge.alpha=0.8", "balance.ogm_ge.rule=mlb", "balance.ogm_ge.mode=moment",
+                              "balance.ogm_ge.ge=false"]),
+    "mlb_grad": ("ogm_ge", ["balance.ogm_ge.alpha=0.8", "balance.ogm_ge.rule=mlb", "balance.ogm_ge.ge=false"]),
+    "mlb_lr": ("ogm_ge", ["balance.ogm_ge.alpha=0.8", "balance.ogm_ge.rule=mlb", "balance.ogm_ge.mode=lr",
+                          "balance.ogm_ge.ge=false"]),
+    "gblend": ("gblend", ["balance.gblend.mode=online", "balance.gblend.window=2"]),
+    # floor, no distillation and no queue in the measurements
+    "gblend_fixes": ("gblend", ["balance.gblend.mode=online", "balance.gblend.window=2", "balance.gblend.floor=0.1",
+                                "balance.gblend.measure_alpha=0", "balance.gblend.measure_queue=false"]),
+    "mmpareto": ("mmpareto", []),
+    "mmpareto_global": ("mmpareto", ["balance.mmpareto.rescale=global"]),
+    "relearn": ("relearn", ["balance.relearn.every=1", "balance.relearn.max_times=2"]),
+    "relearn_se": ("relearn", ["balance.relearn.every=1", "balance.relearn.max_times=2",
+                               "balance.relearn.min_gap_se=1.0"]),
+    # a steep strength curve so that the tiny model's small score gaps weaken something
+    "weaken_patch_mask": ("weaken", ["balance.weaken.beta=40", "balance.weaken.stopwords=false"]),
+    "weaken_blur_drop": ("weaken", ["balance.weaken.beta=40", "balance.weaken.stopwords=false",
+                                    "balance.weaken.image=blur", "balance.weaken.text=drop"]),
+    "weaken_down": ("weaken", ["balance.weaken.beta=40", "balance.weaken.stopwords=false",
+                               "balance.weaken.image=downsample"]),
 }
 
 
 def hooks_for(cfg, variant):
-    if variant == "gblend":
+    method = VARIANTS[variant][0]
+    if method == "gblend":
         return GBlendHooks({"train": pairs(cfg, 7, labelled=False), "val": pairs(cfg, 8, labelled=False)})
-    if variant == "relearn":
+    if method == "relearn":
         return RelearnHooks({"train": pairs(cfg, 7), "val": pairs(cfg, 8)})
     return build_balancer(cfg)
 
 
+def variant_cfg(out, variant, *extra):
+    method, settings = VARIANTS[variant]
+    return make_cfg(out, method, *settings, *extra)
+
+
 def run_variant(out, variant, zero, accum, steps_per_epoch=2, epochs=2):
-    method = variant.replace("_lr", "").replace("_global", "")
-    cfg = make_cfg(out, method, f"train.zero_stage={zero}", f"train.grad_accum={accum}", f"train.epochs={epochs}",
-                   *METHOD_SETTINGS[variant])
+    cfg = variant_cfg(out, variant, f"train.zero_stage={zero}", f"train.grad_accum={accum}", f"train.epochs={epochs}")
     torch.manual_seed(cfg.train.seed)
     model = BatchSeededALBEF(cfg.model)
     trainer = Trainer(cfg, model, GlobalPairs(cfg, steps_per_epoch), hooks_for(cfg, variant)).setup()
@@ -139,7 +167,9 @@ def equivalence(out, args):
 
 class Snapshot:
     """Wraps a method's hooks: records this rank's gradient shards before and after the
-    method's before_step, and the learning rates it leaves for the step."""
+    method's before_step, the learning rates and first-moment gains it leaves for the step,
+    and this rank's share of the optimizer's moments before and after the step (in the
+    optimizer's own layout, through optimizer_slot)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -155,6 +185,28 @@ class Snapshot:
     def loss(self, out, ctx):
         return self.inner.loss(out, ctx)
 
+    def _layout(self):
+        """{name: (optimizer tensor, offset, length)} of this rank's share of each parameter
+        (taken while the gradients exist: ZeRO 1/2 free them at the step)."""
+        from albef_bal.engine.grads import optimizer_slot
+        out = {}
+        for n, p in self.trainer.module.named_parameters():
+            view = GradView(p) if p.requires_grad else None
+            slot, off = optimizer_slot(p, self.trainer.optimizer) if view is not None else (None, 0)
+            if slot is not None and view.flat is not None:
+                out[n] = (slot, off, view.flat.numel())
+        return out
+
+    def _moments(self):
+        from albef_bal.engine.optim import find_gain_optimizer
+        opt = find_gain_optimizer(self.trainer.optimizer, "test")
+        out = {}
+        for n, (slot, off, numel) in self._share.items():
+            st = opt.state.get(slot, {})
+            out[n] = {k: (st[k].reshape(-1).narrow(0, off, numel).clone() if k in st else torch.zeros(numel))
+                      for k in ("exp_avg", "exp_avg_sq")}
+        return out
+
     def before_step(self, ctx):
         names = {id(p): n for n, p in self.trainer.module.named_parameters()}
         params = [p for p in self.trainer.module.parameters() if p.requires_grad]
@@ -168,26 +220,35 @@ class Snapshot:
                     off += p.numel()
         self.inner.before_step(ctx)
         after = {names[id(p)]: GradView(p).flat.clone() for p in params if GradView(p).flat is not None}
-        lrs = {g["name"]: g["lr"] for g in self.trainer.optimizer.param_groups}
-        self.records.append({"before": before, "after": after, "lrs": lrs, "uni": uni, "k": dict(getattr(self.inner, "k", {}))})
+        groups = self.trainer.optimizer.param_groups
+        self._share = self._layout()
+        self.records.append({"before": before, "after": after, "lrs": {g["name"]: g["lr"] for g in groups},
+                             "m_gain": {g["name"]: g.get("m_gain", 1.0) for g in groups}, "uni": uni,
+                             "k": dict(getattr(self.inner, "k", {})), "moments_before": self._moments()})
+
+    def after_step(self, ctx):
+        self.inner.after_step(ctx)
+        self.records[-1]["moments_after"] = self._moments()
 
 
 def grad_edit(out, args):
-    """One process: the gradients each method leaves for the step, against the unmodified
-    ones of the same step (saved for the test to check)."""
-    variant, zero = args["variant"], int(args.get("zero", 0))
-    method = variant.replace("_lr", "").replace("_global", "").replace("_noge", "")
-    extra = list(METHOD_SETTINGS.get(variant, METHOD_SETTINGS.get(variant.replace("_noge", ""), [])))
-    if variant.endswith("_noge"):
-        extra.append("balance.ogm_ge.ge=false")
-    cfg = make_cfg(out, method, f"train.zero_stage={zero}", "train.grad_accum=2", "train.max_steps=3", *extra)
-    torch.manual_seed(cfg.train.seed)
-    hooks = Snapshot(build_balancer(cfg))
-    t = Trainer(cfg, BatchSeededALBEF(cfg.model), GlobalPairs(cfg, 4), hooks).setup()
-    t.run()
-    branches = {b: [n for n, _ in named] for b, named in t.module.branch_parameters().items()}
-    shapes = {n: list(p.shape) for n, p in t.module.named_parameters()}
-    torch.save({"records": hooks.records, "branches": branches, "shapes": shapes}, os.path.join(out, "grads.pt"))
+    """One process, one run per ``runs`` entry (``variant@zero``, comma-separated): the
+    gradients each method leaves for the step against the unmodified ones of the same step,
+    and the optimizer moments around the step (saved for the test to check)."""
+    result = {}
+    for token in args["runs"].split(","):
+        variant, zero = token.split("@")
+        vout = os.path.join(out, token.replace("@", "_zero"))
+        cfg = variant_cfg(vout, variant, f"train.zero_stage={zero}", "train.grad_accum=2", "train.max_steps=3")
+        torch.manual_seed(cfg.train.seed)
+        hooks = Snapshot(build_balancer(cfg))
+        t = Trainer(cfg, BatchSeededALBEF(cfg.model), GlobalPairs(cfg, 4), hooks).setup()
+        t.run()
+        branches = {b: [n for n, _ in named] for b, named in t.module.branch_parameters().items()}
+        shapes = {n: list(p.shape) for n, p in t.module.named_parameters()}
+        result[token] = {"records": hooks.records, "branches": branches, "shapes": shapes,
+                         "betas": list(cfg.train.betas)}
+    torch.save(result, os.path.join(out, "grads.pt"))
 
 
 def relearn_unit(out, args):
@@ -222,6 +283,96 @@ def relearn_unit(out, args):
                 "rows": [r for r in rows(out) if "relearn/count" in r], "step": res["step"],
                 "labels": {k: np.asarray(v).tolist() for k, v in hooks.labels.items()}},
                os.path.join(out, "relearn.pt"))
+
+
+class RecordingALBEF(BatchSeededALBEF):
+    """Records the online inputs each forward received."""
+
+    def forward(self, image, input_ids, attention_mask, alpha=0.0, idx=None, update=True, online=None, **kwargs):
+        if update:  # a training forward (measurements pass update=False)
+            self.received = getattr(self, "received", [])
+            self.received.append(None if online is None else {k: v.clone() for k, v in online.items()})
+        return super().forward(image, input_ids, attention_mask, alpha=alpha, idx=idx, update=update, online=online,
+                               **kwargs)
+
+
+def forward_point(out, args):
+    """The hook point before the forward: called once per micro step with its context, on
+    the device batch; what it returns is what the model trains on."""
+    from albef_bal.engine.hooks import TrainHooks
+
+    class Flip(TrainHooks):
+        calls = []
+
+        def before_forward(self, batch, ctx):
+            self.calls.append([ctx.step, ctx.micro, ctx.boundary, sorted(batch)])
+            if ctx.micro == 1:  # second micro step of each window: the online encoders see flipped images
+                return {**batch, "online": {"image": batch["image"].flip(-1)}}
+            return batch
+
+    cfg = make_cfg(out, "none", "train.zero_stage=0", "train.grad_accum=2", "train.max_steps=2")
+    torch.manual_seed(cfg.train.seed)
+    model = RecordingALBEF(cfg.model)
+    hooks = Flip()
+    Trainer(cfg, model, GlobalPairs(cfg, 4), hooks).setup().run()
+    online = [None if r is None else {k: v.shape for k, v in r.items()} for r in model.received]
+    with open(os.path.join(out, "forward_point.json"), "w") as f:
+        json.dump({"calls": hooks.calls, "online": [None if o is None else {k: list(v) for k, v in o.items()}
+                                                    for o in online]}, f)
+
+
+def weaken_inputs(out, args):
+    """Weakening through the trainer: the online inputs the model received at every micro
+    step, the strengths the hook decided, and the clean batches, for ``variants``."""
+    result = {}
+    for variant in args["variants"].split(","):
+        vout = os.path.join(out, variant)
+        cfg = variant_cfg(vout, variant, "train.zero_stage=0", "train.grad_accum=2", "train.max_steps=4")
+        torch.manual_seed(cfg.train.seed)
+        model = RecordingALBEF(cfg.model)
+        hooks = build_balancer(cfg)
+        strengths = []
+        real = hooks.before_forward
+
+        def spy(batch, ctx, real=real, hooks=hooks):
+            strengths.append(dict(hooks.strength))
+            return real(batch, ctx)
+        hooks.before_forward = spy
+        data = GlobalPairs(cfg, 8)
+        Trainer(cfg, model, data, hooks).setup().run()
+        clean = list(data.loader(0, 0))[:len(model.received)]
+        result[variant] = {"online": model.received, "strengths": strengths, "clean": clean,
+                           "patches": model.visual_encoder.pos_embed.shape[1] - 1}
+    torch.save(result, os.path.join(out, "weaken.pt"))
+
+
+def resume_exact(out, args):
+    """For each of ``variants``: 6 optimizer steps in one go, and 3 steps + a checkpoint +
+    a resumed run of the other 3 (the real ALBEF: momentum encoders, queues, masking RNG);
+    rank 0 saves both final states."""
+    from albef_bal.models import ALBEF
+    zero = args.get("zero", "2")
+    for variant in args["variants"].split(","):
+        vout = os.path.join(out, variant)
+        common = (f"train.zero_stage={zero}", "train.grad_accum=2", "train.max_steps=6", "train.epochs=3",
+                  "train.alpha_warmup=true")
+        states = {}
+        for run, extra in (("full", ["train.save_every=0"]), ("cut", ["train.save_every=3"])):
+            cfg = variant_cfg(os.path.join(vout, run), variant, *common, *extra)
+            torch.manual_seed(cfg.train.seed)
+            t = Trainer(cfg, ALBEF(cfg.model), GlobalPairs(cfg, 2), hooks_for(cfg, variant)).setup()
+            t.run()
+            states[run] = {k: v.detach().clone() for k, v in t.module.state_dict().items()}
+        cfg = variant_cfg(os.path.join(vout, "resumed"), variant, *common, "train.save_every=0",
+                          f"train.resume={os.path.join(vout, 'cut', 'checkpoints', 'step_00000003')}")
+        torch.manual_seed(cfg.train.seed)
+        t = Trainer(cfg, ALBEF(cfg.model), GlobalPairs(cfg, 2), hooks_for(cfg, variant)).setup()
+        resumed_at = t.state.step
+        t.run()
+        states["resumed"] = {k: v.detach().clone() for k, v in t.module.state_dict().items()}
+        if D.is_main_process():
+            torch.save({"states": states, "resumed_at": resumed_at, "hooks_state": t.hooks.state_dict(),
+                        "rows": rows(os.path.join(vout, "full"))}, os.path.join(vout, "resume.pt"))
 
 
 if __name__ == "__main__":

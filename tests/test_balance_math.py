@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from albef_bal.balance import (content_token_tables, content_word_mask, down_up_sample, floor_weights,
+                               gated_relearn_alpha, gaussian_blur, mix_uniform, patch_keep_indices, purity_gap_se,
+                               weaken_strengths)
 from albef_bal.balance import (GradCoefficient, cluster_purity, flat_dot, gblend_weights, ge_noise_like,
                                injection_term, kmeans_purity, make_branch_hook, min_norm_coefficient,
                                minmax_scale, mmpareto_combine, mmpareto_combine_with_stats, ogm_active,
-                               ogm_coefficients, ogm_param_filter, pseudo_labels, reinit_toward, relearn_alpha,
+                               ogm_coefficients, ogm_param_filter, mlb_coefficients, pseudo_labels, reinit_toward, relearn_alpha,
                                relearn_due, scale_grad, scale_to_count)
 
 
@@ -218,6 +221,48 @@ def test_ogm_param_filter_takes_every_tensor_of_two_or_more_dims():
     assert not ogm_param_filter("norm.weight", torch.empty(4))
 
 
+# ============================================================ bidirectional rule (MLB)
+def test_mlb_is_the_authors_formula_and_moves_both_branches():
+    # k_u = 1 + tanh(alpha * (s_other / s_u - 1)); vision leads 0.6 : 0.3
+    k_v, k_t = mlb_coefficients(0.6, 0.3, alpha=0.8)
+    assert k_v == pytest.approx(1 + math.tanh(0.8 * (0.5 - 1)), abs=1e-15)  # the leader is slowed
+    assert k_t == pytest.approx(1 + math.tanh(0.8 * (2.0 - 1)), abs=1e-15)  # the laggard is sped up
+    assert k_v < 1 < k_t
+    k_v, k_t = mlb_coefficients(0.1, 0.7, alpha=0.5)
+    assert k_t < 1 < k_v
+
+
+def test_mlb_is_one_at_equal_scores_and_continuous_through_it():
+    for s in (0.01, 0.3, 0.99):
+        assert mlb_coefficients(s, s, 0.8) == (1.0, 1.0)
+    # no jump at rho = 1 (OGM's rule jumps to 1 - tanh(alpha) there): over a fine grid of s_v
+    # around s_t, neighbouring coefficients differ by at most the derivative bound
+    # |dk/ds_v| <= alpha * max(s_t / s_v^2, 1 / s_t) times the grid step
+    alpha, s_t, h = 0.8, 0.4, 1e-4
+    grid = [0.3 + i * h for i in range(2001)]  # 0.3 .. 0.5, through 0.4
+    ks = [mlb_coefficients(s, s_t, alpha) for s in grid]
+    bound = alpha * max(s_t / 0.3 ** 2, 1 / s_t) * h * 1.01
+    for (a_v, a_t), (b_v, b_t) in zip(ks, ks[1:]):
+        assert abs(a_v - b_v) <= bound and abs(a_t - b_t) <= bound
+    k_up = mlb_coefficients(0.4 * (1 + 1e-9), 0.4, alpha)
+    assert abs(k_up[0] - 1) < 1e-8 and abs(k_up[1] - 1) < 1e-8
+    ogm_up = ogm_coefficients(0.4 * (1 + 1e-9), 0.4, alpha)
+    assert 1 - ogm_up[0] > 0.5  # for contrast: OGM jumps
+
+
+def test_mlb_edge_cases_and_tensor_scores():
+    assert mlb_coefficients(0.0, 0.3, 0.8) == (2.0, pytest.approx(1 - math.tanh(0.8)))
+    assert mlb_coefficients(0.0, 0.0, 0.8) == (1.0, 1.0)
+    assert mlb_coefficients(float("nan"), 0.3, 0.8) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        mlb_coefficients(0.3, 0.2, -1.0)
+    for s_v, s_t in ((0.6, 0.3), (0.2, 0.5), (0.4, 0.4), (0.0, 0.2), (0.0, 0.0)):
+        want = mlb_coefficients(s_v, s_t, 0.8)
+        got = mlb_coefficients(torch.tensor(s_v), torch.tensor(s_t), 0.8)
+        assert all(isinstance(k, torch.Tensor) and k.dim() == 0 for k in got)
+        assert [float(k) for k in got] == pytest.approx(list(want), abs=1e-6)
+
+
 # ============================================================================ G-Blend
 def test_gblend_weights_on_synthetic_curves():
     train_start, train_end = [2.0, 2.0, 2.0], [1.0, 1.5, 1.8]
@@ -255,6 +300,32 @@ def test_gblend_eps_floors_a_vanishing_overfitting_term():
     torch.testing.assert_close(w, torch.tensor([r / sum(raw) for r in raw]), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError):
         gblend_weights([1.0], [1.0], [1.0], [1.0, 2.0])
+
+
+def test_gblend_floor_keeps_every_loss_trainable_and_the_others_ratios():
+    # the collapse: losses 0 and 1 showed no held-out gain, so plain G-Blend gives them 0
+    plain = gblend_weights([2.0, 2.0, 2.0], [1.9, 1.9, 1.5], [2.0, 2.0, 2.0], [2.1, 2.05, 1.8])
+    torch.testing.assert_close(plain, torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(floor_weights(plain, 0.1), torch.tensor([0.1, 0.1, 0.8]))
+    # weights above the floor keep their ratio (1 : 4 here); the floored one sits at the floor
+    w = floor_weights([0.0, 0.2, 0.8], 0.1)
+    torch.testing.assert_close(w, torch.tensor([0.1, 0.18, 0.72]))
+    assert float(w.sum()) == pytest.approx(1.0)
+    # a weight pushed under the floor by the rescale is floored too (the loop)
+    w = floor_weights([0.0, 0.11, 0.89], 0.15)
+    torch.testing.assert_close(w, torch.tensor([0.15, 0.15, 0.70]))
+    torch.testing.assert_close(floor_weights([0.3, 0.3, 0.4], 0.1), torch.tensor([0.3, 0.3, 0.4]))  # no-op
+    torch.testing.assert_close(floor_weights([0.0, 0.0, 1.0], 1 / 3), torch.full((3,), 1 / 3))
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1/3\]"):
+        floor_weights([0.2, 0.3, 0.5], 0.4)
+
+
+def test_gblend_uniform_mix():
+    torch.testing.assert_close(mix_uniform([0.0, 0.0, 1.0], 0.3), torch.tensor([0.1, 0.1, 0.8]))
+    torch.testing.assert_close(mix_uniform([0.0, 0.0, 2.0], 1.0), torch.full((3,), 1 / 3))  # normalised first
+    torch.testing.assert_close(mix_uniform([0.2, 0.3, 0.5], 0.0), torch.tensor([0.2, 0.3, 0.5]))
+    with pytest.raises(ValueError, match=r"mix must be in \[0, 1\]"):
+        mix_uniform([0.2, 0.3, 0.5], 1.5)
 
 
 # ============================================================================ MMPareto
@@ -474,6 +545,113 @@ def test_relearn_fires_only_on_schedule():
     assert relearn_due(1, every=1, max_times=5, done=0)
     assert not relearn_due(4, every=0, max_times=5, done=0)
     assert not relearn_due(4, every=2, max_times=0, done=0)
+
+
+def test_relearn_threshold_on_constructed_purities():
+    # SE of the gap: sqrt(P_t (1 - P_t) / N_t + P_v (1 - P_v) / N_v)
+    assert purity_gap_se(0.52, 500, 0.50, 500) == pytest.approx(math.sqrt(0.52 * 0.48 / 500 + 0.25 / 500))
+    se = purity_gap_se(0.52, 500, 0.50, 500)  # about 0.032: a 0.02 gap is within the noise
+    assert gated_relearn_alpha(0.52, 0.50, 500, 500, lam=3.0, min_gap_se=1.0) == 0.0
+    assert gated_relearn_alpha(0.52, 0.50, 500, 500, lam=3.0, min_gap_se=0.0) == pytest.approx(math.tanh(0.06))
+    # the same gap measured on 100x more samples is real
+    assert gated_relearn_alpha(0.52, 0.50, 50_000, 50_000, lam=3.0, min_gap_se=1.0) == pytest.approx(math.tanh(0.06))
+    # a large gap passes; the gate compares with min_gap_se standard errors exactly
+    assert gated_relearn_alpha(0.9, 0.5, 500, 500, 3.0, 1.0) == pytest.approx(math.tanh(1.2))
+    p_v = 0.5 - 2 * se
+    assert gated_relearn_alpha(0.5, p_v, 500, 500, 3.0, 2.5) == 0.0
+    assert gated_relearn_alpha(0.5, p_v, 500, 500, 3.0, 1.5) > 0.0
+    with pytest.raises(ValueError, match="subset sizes must be >= 1"):
+        purity_gap_se(0.5, 0, 0.5, 10)
+
+
+def test_relearn_threshold_silences_pure_noise():
+    """Random features and random labels at 500 samples per subset: the authors' rule
+    re-learns on almost every draw; the one-standard-error gate on almost none."""
+    ungated, gated = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        p_t = kmeans_purity(rng.normal(size=(500, 32)), rng.integers(0, 10, 500), seed=0)
+        p_v = kmeans_purity(rng.normal(size=(500, 32)), rng.integers(0, 10, 500), seed=0)
+        ungated.append(relearn_alpha(p_t, p_v))
+        gated.append(gated_relearn_alpha(p_t, p_v, 500, 500, 3.0, 1.0))
+        if abs(p_t - p_v) <= purity_gap_se(p_t, 500, p_v, 500):
+            assert gated[-1] == 0.0
+    assert sum(a > 0 for a in ungated) >= 5
+    assert sum(a > 0 for a in gated) <= 2 and sum(gated) < sum(ungated) / 3
+
+
+# ============================================================================ weakening
+def test_weaken_strength_grows_with_the_imbalance_for_the_leader_only():
+    s_v, s_t = weaken_strengths(0.6, 0.3, max_strength=0.5, beta=2.0)
+    assert s_v == pytest.approx(0.5 * math.tanh(2.0 * (2.0 - 1.0))) and s_t == 0.0
+    assert weaken_strengths(0.3, 0.6, 0.5, 2.0) == (0.0, pytest.approx(s_v))
+    assert weaken_strengths(0.4, 0.4, 0.5, 2.0) == (0.0, 0.0)
+    previous = 0.0
+    for lead in (0.41, 0.45, 0.5, 0.6, 0.8, 0.99):  # monotone in the ratio, bounded by max_strength
+        s, _ = weaken_strengths(lead, 0.4, 0.5, 2.0)
+        assert previous < s < 0.5
+        previous = s
+    assert weaken_strengths(0.45, 0.4, 0.5, 2.0, margin=0.2) == (0.0, 0.0)  # inside the margin
+    assert weaken_strengths(0.3, 0.0, 0.5, 2.0) == (0.5, 0.0)
+    assert weaken_strengths(float("nan"), 0.3, 0.5, 2.0) == (0.0, 0.0)
+
+
+def test_patch_keep_indices_drop_a_random_share_per_image():
+    g = torch.Generator().manual_seed(0)
+    keep = patch_keep_indices(3, 16, 0.25, g)
+    assert keep.shape == (3, 12) and keep.dtype == torch.long
+    for row in keep:
+        assert row.unique().numel() == 12 and bool((row[1:] > row[:-1]).all()) and int(row.max()) < 16
+    assert not torch.equal(keep[0], keep[1])  # a different subset per image
+    assert patch_keep_indices(2, 16, 1.0, g).shape == (2, 1)  # at least one patch stays
+    assert torch.equal(patch_keep_indices(2, 16, 0.0, g), torch.arange(16).expand(2, -1))
+    a = patch_keep_indices(2, 16, 0.5, torch.Generator().manual_seed(5))
+    assert torch.equal(a, patch_keep_indices(2, 16, 0.5, torch.Generator().manual_seed(5)))  # seeded
+
+
+def test_blur_and_down_sampling_remove_detail_and_keep_flat_images():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    flat = torch.full((1, 3, 32, 32), 0.7)
+    assert torch.equal(gaussian_blur(noise, 0.0), noise) and torch.equal(down_up_sample(noise, 0.0), noise)
+    torch.testing.assert_close(gaussian_blur(flat, 1.5), flat)
+    torch.testing.assert_close(down_up_sample(flat, 0.5), flat)
+    # more strength, less high-frequency energy (white noise loses variance under a low-pass)
+    stds = [float(gaussian_blur(noise, s).std()) for s in (0.5, 1.0, 2.0)]
+    assert stds[0] < float(noise.std()) and stds[0] > stds[1] > stds[2]
+    downs = [float(down_up_sample(noise, s).std()) for s in (0.25, 0.5, 0.75)]
+    assert downs[0] < float(noise.std()) and downs[0] > downs[1] > downs[2]
+    assert gaussian_blur(noise, 1.0).shape == noise.shape == down_up_sample(noise, 0.5).shape
+    # the blur is a normalised Gaussian: a centred impulse spreads as exp(-x^2 / (2 sigma^2))
+    impulse = torch.zeros(1, 1, 15, 15)
+    impulse[0, 0, 7, 7] = 1.0
+    out = gaussian_blur(impulse, 1.0)[0, 0]
+    assert float(out.sum()) == pytest.approx(1.0, rel=1e-5)
+    assert float(out[7, 8] / out[7, 7]) == pytest.approx(math.exp(-0.5), rel=1e-5)
+
+
+def test_content_words_skip_function_words_specials_and_padding():
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "a": 5, "red": 6, "circle": 7, "on": 8,
+             "the": 9, "left": 10, "##ish": 11, ".": 12}
+    content, cont = content_token_tables(vocab, [0, 2, 3, 4])
+    assert [i for i in range(13) if content[i]] == [6, 7, 10] and [i for i in range(13) if cont[i]] == [11]
+    everything, _ = content_token_tables(vocab, [0, 2, 3, 4], stopwords=False)
+    assert [i for i in range(13) if everything[i]] == [5, 6, 7, 8, 9, 10]  # [UNK] is special too
+    # [CLS] a red ##ish circle on the left . [SEP] [PAD]
+    ids = torch.tensor([[2, 5, 6, 11, 7, 8, 9, 10, 12, 3, 0]])
+    mask = (ids != 0).long()
+    chosen = content_word_mask(ids, mask, content, cont, 1.0, torch.Generator().manual_seed(0))
+    assert chosen.long().tolist() == [[0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0]]  # "red##ish" as one word
+    assert not content_word_mask(ids, mask, content, cont, 0.0, torch.Generator()).any()
+    # each word with probability p: over many rows, about p of the content words
+    many = torch.tensor([[2, 6, 7, 10, 3]] * 4000)
+    share = content_word_mask(many, torch.ones_like(many), content, cont, 0.3,
+                              torch.Generator().manual_seed(1)).float()[:, 1:4].mean()
+    assert float(share) == pytest.approx(0.3, abs=0.02)
+    # a continuation never moves without its word's first piece
+    for seed in range(20):
+        c = content_word_mask(ids, mask, content, cont, 0.5, torch.Generator().manual_seed(seed))
+        assert bool(c[0, 2]) == bool(c[0, 3])
 
 
 # ============================================================================ roles

@@ -233,3 +233,91 @@ def test_train_switches_keep_parameter_names():
     prepare_for_training(model, cfg.train)  # compile is lazy: nothing is compiled until a forward
     assert model.visual_encoder.grad_checkpointing and model.text_encoder.grad_checkpointing
     assert list(model.state_dict()) == names
+
+
+# ------------------------------------------------- online-only inputs (data-side balancing)
+def _forward_recording(model, images, ids, mask, **kw):
+    """Forward with seed 7; returns the output and the inputs each encoder received."""
+    seen = {}
+
+    def spy(name):
+        def hook(module, args):
+            seen.setdefault(name, []).append(args[0].detach().clone())
+        return hook
+
+    handles = [model.visual_encoder.patch_embed.register_forward_pre_hook(spy("vision")),
+               model.visual_encoder_m.patch_embed.register_forward_pre_hook(spy("vision_m")),
+               model.text_encoder.embeddings.register_forward_pre_hook(spy("text")),
+               model.text_encoder_m.embeddings.register_forward_pre_hook(spy("text_m"))]
+    torch.manual_seed(7)
+    out = model(images, ids, mask, alpha=0.4, **kw)
+    for h in handles:
+        h.remove()
+    return out, seen
+
+
+def test_online_inputs_reach_the_online_encoders_only():
+    cfg = tiny_config("model.text.dropout=0.0")
+    images, ids, mask = tiny_batch(cfg)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    clean, seen_clean = _forward_recording(model, images, ids, mask)
+    queues = (model.image_queue.clone(), model.text_queue.clone())
+
+    weak_images = images.flip(-1)
+    weak_ids = ids.clone()
+    weak_ids[:, 2:4] = cfg.model.text.mask_token_id
+    model.load_state_dict(state)
+    weak, seen = _forward_recording(model, images, ids, mask, online={"image": weak_images, "input_ids": weak_ids})
+    # the online encoders saw the weakened inputs (text: [weakened ; weakened then MLM-masked])
+    assert torch.equal(seen["vision"][0], weak_images)
+    assert torch.equal(seen["text"][0][:4], weak_ids)
+    assert (seen["text"][0][4:, 2:4] == cfg.model.text.mask_token_id).all()
+    # the momentum encoders (targets, queues, MLM distillation) saw exactly the clean batch
+    for key in ("vision_m", "text_m"):
+        assert len(seen[key]) == len(seen_clean[key])
+        for a, b in zip(seen[key], seen_clean[key]):
+            assert torch.equal(a, b), key
+    assert torch.equal(model.image_queue, queues[0]) and torch.equal(model.text_queue, queues[1])
+    assert not torch.equal(weak.loss_i2t, clean.loss_i2t) and not torch.equal(weak.loss_t2i, clean.loss_t2i)
+    # online inputs equal to the clean ones change nothing, to the bit
+    model.load_state_dict(state)
+    same, _ = _forward_recording(model, images, ids, mask, online={"image": images.clone(), "input_ids": ids.clone(),
+                                                                   "attention_mask": mask.clone()})
+    for name in ("loss_i2t", "loss_t2i", "loss_itm", "loss_mlm"):
+        assert torch.equal(getattr(same, name), getattr(clean, name)), name
+
+
+def test_patch_keep_runs_the_online_vit_on_the_kept_tokens():
+    cfg = tiny_config("model.text.dropout=0.0")
+    images, ids, mask = tiny_batch(cfg)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model).eval()
+    vit = model.visual_encoder
+    patches = (cfg.model.image_res // cfg.model.vision.patch_size) ** 2
+    full = vit.forward_features(images)
+    all_kept = vit.forward_features(images, torch.arange(patches).expand(4, -1))
+    assert torch.equal(all_kept, full)  # keeping every patch in order is the plain forward
+    keep = torch.stack([torch.randperm(patches, generator=torch.Generator().manual_seed(i))[:5] for i in range(4)])
+    part = vit.forward_features(images, keep)
+    assert part.shape == (4, 1 + 5, cfg.model.vision.width)
+    # a depth-0 view of the same thing: the kept tokens carry their own position embeddings
+    x = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+    torch.testing.assert_close(torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1])),
+                               _tokens_before_blocks(vit, images, keep)[:, 1:])
+    out = model(images, ids, mask, update=False, online={"patch_keep": keep})
+    assert torch.isfinite(out.total())
+    with pytest.raises(ValueError, match=r"online patch_keep must be \[B=4, K\]"):
+        model(images, ids, mask, update=False, online={"patch_keep": keep[0]})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['images'\]"):
+        model(images, ids, mask, update=False, online={"images": images})
+
+
+def _tokens_before_blocks(vit, images, keep):
+    blocks, vit.blocks = vit.blocks, torch.nn.ModuleList()
+    norm, vit.norm = vit.norm, torch.nn.Identity()
+    try:
+        return vit.forward_features(images, keep)
+    finally:
+        vit.blocks, vit.norm = blocks, norm

@@ -9,6 +9,7 @@ sums over the micro steps of the accumulation window, all-reduced over the ranks
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -193,6 +194,49 @@ def load_pairs(cfg, path: str, image_root: Optional[str], samples: int, key: str
     return PairSet(images, ids, mask, labels)
 
 
+def hold_out_training_shard(cfg, section, key: str) -> Optional[str]:
+    """``<key>.holdout: train_shard``: take the held-out subset from a training shard that
+    training never reads, so that the training and held-out subsets share one distribution.
+
+    The held-out shard is ``<key>.val_split`` when it names one of ``data.train_shards``,
+    else the last of them; it is removed from ``data.train_shards`` and written into
+    ``<key>.val_split``, and ``<key>.train_split`` defaults to the first remaining shard. The
+    saved ``config.yaml`` shows the result, and applying this to it again changes nothing
+    (its ``val_split`` is no longer a training shard). Returns the held-out shard (None when
+    the option is off). Pretraining shards only."""
+    if getattr(section, "holdout", "val_split") != "train_shard":
+        return None
+    from ..data.shards import ShardSpecError, expand_urls
+    if not cfg.data.train_shards:
+        raise ConfigError(f"{key}.holdout=train_shard takes a shard of data.train_shards, which is empty "
+                          "(pretraining shards only)")
+    try:
+        urls = expand_urls(cfg.data.train_shards, "data.train_shards")
+    except ShardSpecError as e:
+        raise ConfigError(str(e)) from None
+    norm = {os.path.abspath(u) if not u.startswith(("pipe:", "http:", "https:", "s3:", "gs:")) else u: u
+            for u in urls}
+    held = section.val_split
+    if held is not None:
+        key_held = os.path.abspath(held) if os.path.exists(held) else held
+        if key_held not in norm:
+            return held  # already held out (a resolved config) or a separate split: nothing to remove
+        held = norm[key_held]
+    else:
+        held = urls[-1]
+    kept = [u for u in urls if u != held]
+    if not kept:
+        raise ConfigError(f"{key}.holdout=train_shard needs at least two training shards; data.train_shards "
+                          f"has one ({held})")
+    cfg.data.train_shards = kept
+    section.val_split, section.val_image_root = held, None
+    if section.train_split is None:
+        section.train_split = kept[0]
+    log.info("%s: held-out subset from training shard %s (removed from the %d training shards); training "
+             "subset from %s", key, held, len(urls), section.train_split)
+    return held
+
+
 def subset_pairs(cfg, section, which: str, key: str) -> PairSet:
     """``section.<which>_split`` (``val`` falls back to ``data.val_split``) as a :class:`PairSet`."""
     path = getattr(section, f"{which}_split")
@@ -207,11 +251,13 @@ def subset_pairs(cfg, section, which: str, key: str) -> PairSet:
 
 @torch.no_grad()
 def measure_losses(module, pairs: PairSet, batch_size: int, alpha: float, seed: int = 0,
-                   unimodal: str = "itc") -> torch.Tensor:
+                   unimodal: str = "itc", use_queue: bool = True) -> torch.Tensor:
     """Mean [vision unimodal, text unimodal, multimodal] losses over ``pairs`` in eval mode
     (see :func:`branch_losses`, unweighted), without touching the momentum encoders or the
     queues; MLM masks, hard negatives and image views from a fixed seed, and the training
-    RNG left as it was (resumed runs stay exact)."""
+    RNG left as it was (resumed runs stay exact). ``alpha`` is the distillation weight (0:
+    one-hot targets); ``use_queue=False`` scores ITC against each batch's momentum features
+    only (no dependence on the queue's contents)."""
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
@@ -221,7 +267,7 @@ def measure_losses(module, pairs: PairSet, batch_size: int, alpha: float, seed: 
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for image, ids, mask in pairs.batches(batch_size, device):
-            out = module(image, ids, mask, alpha=alpha, update=False)
+            out = module(image, ids, mask, alpha=alpha, update=False, use_queue=use_queue)
             v, t, mm, _ = branch_losses(out, None, unimodal)
             total += torch.stack([v.double(), t.double(), mm.double()])
             count += 1

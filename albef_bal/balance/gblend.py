@@ -17,6 +17,13 @@ weight 0 (the formula would give a zero or negative weight), and O_k^2 is floore
 so a loss that did not overfit at all does not get an infinite weight. If no loss improved,
 all weights are equal.
 
+Two options added here (off by default), because a loss at weight 0 is not trained, so it
+shows no held-out gain in the next window and keeps weight 0 for the rest of the run (the
+imbalance study's runs collapsed to w = (0, 0, 3) after the first window):
+:func:`floor_weights` raises every weight to at least a floor, and :func:`mix_uniform`
+blends the weights with equal ones. Both act on the weights normalised to sum 1, before
+the ``sum_to_count`` rescale.
+
 Scale. Normalised weights sum to 1, which shrinks ALBEF's total loss ``ITC + ITM + MLM`` by
 about the number of losses K; with an optimizer that is not scale-invariant (SGD), or with a
 tuned learning rate, this changes the effective step. ``sum_to_count=True`` (or
@@ -43,6 +50,14 @@ scale: they sum to 3).
   step and every ``window`` optimizer steps; each window's measurements give new weights
   for the next window. The first window trains with ``weights`` (default equal).
   Every estimate is also written to ``<output_dir>/gblend_weights.json``.
+
+Options added here, each off by default (today's behaviour): ``floor`` / ``uniform_mix``
+(above); ``measure_alpha: 0`` measures the losses without distillation and
+``measure_queue: false`` scores ITC against each subset batch's momentum features only, so
+that G and O follow the model and not the queue's contents (the momentum features on the
+other side still move with the model; that is the loss being trained); ``holdout:
+train_shard`` draws the held-out subset from a training shard held out of training, so
+that O measures overfitting, not a shift between the training and validation distributions.
 
 Every rank measures the full subsets and rank 0's numbers are broadcast, so the decision is
 the same on every rank and does not depend on the number of ranks.
@@ -95,6 +110,45 @@ def gblend_weights(train_start: Losses, train_end: Losses, val_start: Losses, va
     if sum_to_count:
         w = w * k
     return w.to(torch.float32)
+
+
+def floor_weights(weights: Losses, floor: float) -> torch.Tensor:
+    """Weights summing to 1 with every weight at least ``floor``: weights below it are raised
+    to it and the others scaled down by one common factor (repeated until none falls below),
+    so the ratios among the unfloored weights are kept. ``floor`` in [0, 1/K]; 0 returns the
+    weights (normalised). Float32, as :func:`gblend_weights`."""
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().reshape(-1).clone()
+    k = w.numel()
+    if not 0.0 <= floor <= 1.0 / k + 1e-12:
+        raise ValueError(f"floor must be in [0, 1/{k}], got {floor}")
+    if (w < 0).any() or not w.sum() > 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    w = w / w.sum()
+    fixed = w < floor
+    for _ in range(k):
+        free = ~fixed
+        budget = 1.0 - floor * float(fixed.sum())
+        mass = w[free].sum()
+        scaled = w[free] * (budget / mass) if mass > 0 else torch.full_like(w[free], budget / max(1, int(free.sum())))
+        low = scaled < floor
+        if not low.any():
+            out = torch.full_like(w, floor)
+            out[free] = scaled
+            return out.to(torch.float32)
+        idx = free.nonzero().reshape(-1)[low]
+        fixed[idx] = True
+    return torch.full_like(w, 1.0 / k).to(torch.float32)  # every weight floored: equal
+
+
+def mix_uniform(weights: Losses, mix: float) -> torch.Tensor:
+    """``(1 - mix) * w / sum(w) + mix / K``: a blend with equal weights (every weight at least
+    ``mix / K``). Float32."""
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().reshape(-1)
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    if (w < 0).any() or not w.sum() > 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    return ((1.0 - mix) * w / w.sum() + mix / w.numel()).to(torch.float32)
 
 
 def scale_to_count(weights: Losses) -> torch.Tensor:
@@ -160,7 +214,12 @@ class GBlendHooks(BalanceHooks):
 
     def _normalise(self, w) -> list[float]:
         w = torch.as_tensor(w, dtype=torch.float32)
-        return (scale_to_count(w) if self.gcfg.sum_to_count else w / w.sum()).tolist()
+        w = w / w.sum()
+        if self.gcfg.uniform_mix > 0:
+            w = mix_uniform(w, self.gcfg.uniform_mix)
+        if self.gcfg.floor > 0:
+            w = floor_weights(w, self.gcfg.floor)
+        return (scale_to_count(w) if self.gcfg.sum_to_count else w).tolist()
 
     # ------------------------------------------------------------------ the loss
     def loss(self, out, ctx: StepContext) -> torch.Tensor:
@@ -171,9 +230,11 @@ class GBlendHooks(BalanceHooks):
     # ------------------------------------------------------------ online windows
     def _measure(self) -> list[float]:
         bs = self.cfg.train.micro_batch_size
-        alpha = self.cfg.model.alpha
+        g = self.gcfg
+        alpha = self.cfg.model.alpha if g.measure_alpha is None else g.measure_alpha
         m = torch.cat([measure_losses(self.module, self.pairs[w], bs, alpha, seed=self.cfg.train.seed,
-                                      unimodal=self.unimodal_loss) for w in ("train", "val")])
+                                      unimodal=self.unimodal_loss, use_queue=g.measure_queue)
+                       for w in ("train", "val")])
         return self.broadcast(m).tolist()
 
     def before_step(self, ctx: StepContext) -> None:

@@ -23,6 +23,18 @@ every encoder tensor of 2 or more dimensions (:func:`ogm_param_filter`).
 The coefficient can be applied faithfully with :func:`albef_bal.balance.grad_ops.scale_grad`
 on the branch's output tokens (``grad`` mode); see DESIGN.md section 4 for the ``lr`` mode.
 
+Bidirectional rule (``rule: mlb``; Kontras, Chatzichristos, Blaschko, De Vos, "Improving
+Multimodal Learning with Multi-Loss Gradient Modulation", BMVC 2024, "MLB"; formula as in the
+authors' code, kkontras/MLB, ``Bias_Infusion_MLB``):
+
+    k_u = 1 + tanh(alpha * (s_other / s_u - 1))
+
+Both branches are modulated: the laggard (s_u < s_other) gets k in (1, 2), the leader
+k in (1 - tanh(alpha), 1); k is exactly 1 at equal scores and continuous in the scores, and
+the modulation fades as the scores approach each other. Note the ratio is the *other*
+branch's score over the branch's own (the inverse of OGM's rho), so k_v * k_t != 1 in
+general. :func:`mlb_coefficients`.
+
 Training hooks (:class:`OGMGEHooks`, below the formulas)
 --------------------------------------------------------
 
@@ -40,11 +52,29 @@ averaged gradient is complete:
 - ``mode: lr`` (adaptation): the learning rate of the ``<branch>/decay`` parameter group
   (exactly the tensors of 2 or more dimensions) is multiplied by k for this step; the
   schedule restores it at the step.
+- ``mode: moment`` (new here; "OGM for Adam"): the ``<branch>/decay`` group's ``m_gain`` of
+  :class:`~albef_bal.engine.optim.GainAdamW` is set to k for this step, so only the gradient
+  entering Adam's first moment is scaled: m <- b1 m + (1 - b1) k g, v <- b2 v + (1 - b2) g^2.
+  A steady k then scales the steady step by k (grad mode's k cancels in m / sqrt(v); lr mode
+  also scales weight decay and the whole history in m). Each rank scales the moment of the
+  partition it owns (ZeRO 0/1/2).
+
+``rule`` picks k: ``ogm`` (above) or ``mlb`` (bidirectional); both work with every mode.
 
 GE (``ge: true``): while modulation is active, every such tensor of both branches receives
 Gaussian noise with the standard deviation of its unmodulated global-batch gradient, drawn
 from a generator seeded by (run seed, step, tensor), so every rank adds the same noise to
-the part it holds.
+the part it holds. ``ge_into: grad`` adds it to the gradient (the authors' choice: under
+Adam it also enters, and inflates, the second moment); ``ge_into: moment`` adds it to the
+gradient that enters the first moment only (``GainAdamW.add_first_moment``), so that v
+sees the raw gradient. There the noise's scale is each element's own RMS gradient,
+sqrt(v_hat) of the step, instead of the tensor's std (new here): with the tensor's std,
+an element whose own gradient is far below the tensor's spread (the embedding row of a
+token absent from the batch, the exactly-zero gradient of an attention key bias) would take
+normalised steps of |n| / (sqrt(v) + eps) >> 1; in the tiny test model its weights grew to
+about 7e4 within 4 steps. Scaled by sqrt(v_hat), the noise's share of the normalised step
+m_hat / sqrt(v_hat) is a unit Gaussian times (1 - b1) for every element (0 where v is 0),
+about what the authors' noise gives through both moments, without shrinking the step.
 """
 from __future__ import annotations
 
@@ -54,8 +84,9 @@ from typing import Optional, Union
 import torch
 
 from ..config import ConfigError
-from ..engine.grads import grad_views, reduce_param_sums
+from ..engine.grads import grad_views, optimizer_slot, reduce_param_sums
 from ..engine.hooks import StepContext
+from ..engine.optim import find_gain_optimizer
 from .common import BRANCHES, BalanceHooks, refuse_fp16
 
 Score = Union[float, int, torch.Tensor]
@@ -109,6 +140,44 @@ def _ogm_coefficients_tensor(score_v: Score, score_t: Score, alpha: float):
     k_v = torch.where(s_v > s_t, 1.0 - torch.tanh(alpha * rho_v), one)
     k_t = torch.where(s_t > s_v, 1.0 - torch.tanh(alpha * rho_t), one)
     return k_v, k_t
+
+
+def mlb_coefficients(score_v: Score, score_t: Score, alpha: float):
+    """Bidirectional modulation coefficients ``(k_v, k_t)`` (MLB, Kontras et al., BMVC 2024):
+    ``k_u = 1 + tanh(alpha * (s_other / s_u - 1))``.
+
+    Exactly 1 at equal scores, continuous wherever both scores are positive, above 1 for the
+    branch with the lower score (sped up) and below 1 for the higher (slowed down); bounded in
+    ``(1 - tanh(alpha), 2)``. Types as :func:`ogm_coefficients` (floats in, floats out; a tensor
+    score gives float32 0-dim tensors, no host sync).
+
+    Edge cases: a branch whose score is 0 while the other's is positive has ratio +inf and gets
+    ``k = 2`` (the limit); the other gets ``1 - tanh(alpha)``. Both 0, or a NaN score: ``(1, 1)``.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if isinstance(score_v, torch.Tensor) or isinstance(score_t, torch.Tensor):
+        ref = score_v if isinstance(score_v, torch.Tensor) else score_t
+        s_v = torch.as_tensor(score_v, dtype=torch.float32, device=ref.device).detach().reshape(())
+        s_t = torch.as_tensor(score_t, dtype=torch.float32, device=ref.device).detach().reshape(())
+        one = torch.ones((), dtype=torch.float32, device=ref.device)
+        # ratio other / self; x / 0 = +inf for x > 0, and 0 / 0 = NaN is replaced below
+        k_v = 1.0 + torch.tanh(alpha * (s_t / s_v - 1.0))
+        k_t = 1.0 + torch.tanh(alpha * (s_v / s_t - 1.0))
+        bad = torch.isnan(k_v) | torch.isnan(k_t)
+        return torch.where(bad, one, k_v), torch.where(bad, one, k_t)
+    s_v, s_t = float(score_v), float(score_t)
+    if math.isnan(s_v) or math.isnan(s_t) or (s_v == 0 and s_t == 0):
+        return 1.0, 1.0
+    return _mlb_one(s_v, s_t, alpha), _mlb_one(s_t, s_v, alpha)
+
+
+def _mlb_one(s_self: float, s_other: float, alpha: float) -> float:
+    ratio = math.inf if s_self == 0 else s_other / s_self
+    return 1.0 + math.tanh(alpha * (ratio - 1.0))
+
+
+RULES = {"ogm": ogm_coefficients, "mlb": mlb_coefficients}
 
 
 def ogm_active(epoch: int, start: int, end: int) -> bool:
@@ -169,19 +238,24 @@ class OGMGEHooks(BalanceHooks):
         refuse_fp16(trainer.cfg, "ogm_ge")
         self.targets = {b: [p for n, p in self.named[b] if ogm_param_filter(n, p)] for b in BRANCHES}
         self.k = {"vision": 1.0, "text": 1.0}
-        if self.ocfg.mode == "lr":
+        self.rule = RULES[self.ocfg.rule]
+        if self.ocfg.mode in ("lr", "moment"):
             groups = {g.get("name"): g for g in trainer.optimizer.param_groups}
             for b in BRANCHES:
                 g = groups.get(f"{b}/decay")
                 if g is None:
-                    raise ConfigError(f"balance.ogm_ge.mode=lr needs the optimizer parameter group '{b}/decay' "
-                                      "(engine/optim.py param_groups)")
-                # the lr mode and the grad mode act on the same tensors (param_groups' decay
-                # rule: neither 1-D nor a bias)
+                    raise ConfigError(f"balance.ogm_ge.mode={self.ocfg.mode} needs the optimizer parameter group "
+                                      f"'{b}/decay' (engine/optim.py param_groups)")
+                # the lr/moment modes and the grad mode act on the same tensors
+                # (param_groups' decay rule: neither 1-D nor a bias)
                 decay = {n for n, p in self.named[b] if not (p.ndim <= 1 or n.endswith(".bias"))}
                 if decay != {n for n, p in self.named[b] if ogm_param_filter(n, p)}:
                     raise ConfigError(f"optimizer group '{b}/decay' does not hold exactly the {b} tensors of "
                                       "2 or more dimensions that OGM-GE modulates")
+        self.gain_opt = None
+        if self.ocfg.mode == "moment" or (self.ocfg.ge and self.ocfg.ge_into == "moment"):
+            self.gain_opt = find_gain_optimizer(trainer.optimizer, f"balance.ogm_ge.mode={self.ocfg.mode}, "
+                                                                   f"ge_into={self.ocfg.ge_into}")
 
     def loss(self, out, ctx: StepContext) -> torch.Tensor:
         self.record_scores(out, ctx)
@@ -189,10 +263,11 @@ class OGMGEHooks(BalanceHooks):
 
     def before_step(self, ctx: StepContext) -> None:
         if self.trainer.window_skipped:
+            self._set_gains({"vision": 1.0, "text": 1.0})
             return  # the trainer zeroed this window's gradient and skips the update
         s_v, s_t = self.global_scores()
         active = ogm_active(ctx.epoch, self.ocfg.start_epoch, self.ocfg.end_epoch)
-        k_v, k_t = ogm_coefficients(s_v, s_t, self.ocfg.alpha) if active else (1.0, 1.0)
+        k_v, k_t = self.rule(s_v, s_t, self.ocfg.alpha) if active else (1.0, 1.0)
         self.k = {"vision": k_v, "text": k_t}
         stats = {"ogm/k_v": k_v, "ogm/k_t": k_t, "ogm/active": float(active)}
         if self.ocfg.mode == "lr":
@@ -201,6 +276,8 @@ class OGMGEHooks(BalanceHooks):
                 for b in BRANCHES:
                     if name == f"{b}/decay":
                         g["lr"] = g["lr"] * self.k[b]
+        if self.ocfg.mode == "moment":
+            self._set_gains(self.k)
         ge = active and self.ocfg.ge
         if self.ocfg.mode == "grad" or ge:
             noise_ratio = self._modulate(ctx, scale=self.ocfg.mode == "grad", ge=ge)
@@ -208,16 +285,27 @@ class OGMGEHooks(BalanceHooks):
                 stats.update({f"ogm/ge_noise_ratio_{b[0]}": r for b, r in noise_ratio.items()})
         self.means.add(**stats)
 
+    def _set_gains(self, k: dict) -> None:
+        """m_gain of each branch's decay group = its k (moment mode); every other group 1."""
+        if self.ocfg.mode != "moment":
+            return
+        for g in self.trainer.optimizer.param_groups:
+            name = g.get("name", "")
+            g["m_gain"] = next((float(k[b]) for b in BRANCHES if name == f"{b}/decay"), 1.0)
+
     @torch.no_grad()
     def _modulate(self, ctx: StepContext, scale: bool, ge: bool) -> dict[str, float]:
-        """grad <- k * grad (+ noise) on this rank's share of every target tensor. Returns the
-        noise-to-gradient norm ratio per branch (diagnostic)."""
+        """grad <- k * grad on this rank's share of every target tensor (``scale``), and GE
+        noise into that gradient or into the first moment only (``ge_into``). Returns the
+        noise-to-gradient norm ratio per branch for gradient noise (diagnostic)."""
         ratios = {}
+        into_moment = ge and self.ocfg.ge_into == "moment"
+        moment_noise: dict = {}  # optimizer tensor -> flat unit-noise buffer (first moment only)
         for bi, b in enumerate(BRANCHES):
             k = self.k[b] if scale else 1.0
             views = grad_views(self.targets[b])
             std = None
-            if ge:
+            if ge and not into_moment:
                 # per-tensor std of the unmodulated global gradient (Bessel, as torch.std)
                 rows = torch.stack([
                     torch.stack([v.flat.double().sum(), v.flat.double().pow(2).sum()]) if v.flat is not None
@@ -232,15 +320,29 @@ class OGMGEHooks(BalanceHooks):
                     continue
                 if k != 1.0:
                     v.flat.mul_(k)
-                if std is not None:
-                    p = v.param
-                    gen = torch.Generator(device=v.flat.device)
-                    gen.manual_seed(_noise_seed(self.cfg.train.seed, ctx.step, bi, i))
-                    noise = torch.randn(p.numel(), generator=gen, dtype=torch.float32, device=v.flat.device)
-                    v.flat.add_(v.slice_of(noise).to(v.flat.dtype), alpha=std[i] + GE_EPS)
+                if not ge:
+                    continue
+                p = v.param
+                gen = torch.Generator(device=v.flat.device)
+                gen.manual_seed(_noise_seed(self.cfg.train.seed, ctx.step, bi, i))
+                noise = v.slice_of(torch.randn(p.numel(), generator=gen, dtype=torch.float32, device=v.flat.device))
+                if not into_moment:
+                    v.flat.add_(noise.mul_(std[i] + GE_EPS).to(v.flat.dtype))
+                    continue
+                # unit noise, scaled by GainAdamW to each element's RMS gradient (relative=True)
+                slot, offset = optimizer_slot(p, self.trainer.optimizer)
+                if slot is None:  # this rank holds a share of the gradient, so it steps one
+                    raise RuntimeError("OGM-GE ge_into=moment: no optimizer tensor holds this rank's share "
+                                       f"of a {tuple(p.shape)} parameter (unsupported engine set-up)")
+                buf = moment_noise.get(slot)
+                if buf is None:
+                    buf = moment_noise[slot] = torch.zeros(slot.numel(), dtype=torch.float32, device=slot.device)
+                buf.narrow(0, offset, noise.numel()).add_(noise.to(buf.device))
             if std is not None:
                 noise_sq = sum((s + GE_EPS) ** 2 * v.param.numel() for s, v in zip(std, views))
                 ratios[b] = math.sqrt(noise_sq / grad_sq) if grad_sq > 0 else 0.0
+        for slot, buf in moment_noise.items():
+            self.gain_opt.add_first_moment(slot, buf.view(slot.shape).to(slot.dtype), relative=True)
         return ratios
 
     def state_dict(self) -> dict:

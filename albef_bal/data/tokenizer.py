@@ -51,6 +51,10 @@ class CaptionTokenizer:
         self.mask_token_id = vocab["[MASK]"]
         self.vocab_size = backend.get_vocab_size()
 
+    def vocab(self) -> dict[str, int]:
+        """The vocabulary: token -> id."""
+        return dict(self._tok.get_vocab())
+
     def tokenize(self, text: str) -> list[str]:
         return self._tok.encode(text, add_special_tokens=False).tokens
 

@@ -140,3 +140,25 @@ def reduce_param_sums(rows: torch.Tensor, views: list[GradView]) -> torch.Tensor
     rows = rows * keep[:, None]
     dist.all_reduce(rows)
     return rows
+
+
+def optimizer_slot(param: torch.nn.Parameter, optimizer=None) -> tuple[Optional[torch.Tensor], int]:
+    """(the tensor the optimizer steps that holds this rank's share of ``param``, the offset of
+    that share in it, flattened), valid where :class:`GradView` is: ``(param, 0)`` under ZeRO 0
+    (the optimizer steps the parameter itself); under ZeRO 1/2 the rank's flat fp32 partition
+    of the parameter's group and the share's place in it (its elements are those of
+    ``GradView(param)``, in the same order); ``(None, 0)`` when this rank holds none of it.
+    ``optimizer`` is the engine's optimizer (DeepSpeed's ZeRO optimizer under ZeRO 1/2).
+    Lets a method address the optimizer state (e.g. a first-moment addition) of exactly the
+    gradient share it edits."""
+    if param.grad is not None:
+        return param, 0
+    mapping = getattr(param, "_hp_mapping", None)
+    # DeepSpeed links a parameter back to its ZeRO optimizer only with CPU offload
+    zero = getattr(param, "_zero_optimizer", None)
+    if zero is None:
+        zero = optimizer
+    partitions = getattr(zero, "single_partition_of_fp32_groups", None)
+    if mapping is None or partitions is None:
+        return None, 0
+    return partitions[mapping.param_group_index], int(mapping.hp_fragment_address.start)

@@ -63,8 +63,8 @@ def pretrain(cfg: Config) -> dict:
     preflight_pretrain(cfg)
     build_ds_config(cfg, world)  # refuse a bad batch/ZeRO set-up before building anything
     tokenizer = prepare_text(cfg)
+    hooks = build_hooks(cfg)  # first: a method may hold a shard out of the training data
     data = ShardData(cfg, tokenizer, rank, world)
-    hooks = build_hooks(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
     trainer = Trainer(cfg, model, data, hooks, desc="pretrain").setup()

@@ -248,9 +248,12 @@ class Trainer:
         for reason, n in (batch.pop("skipped", None) or {}).items():
             self._skips_since_log[reason] = self._skips_since_log.get(reason, 0) + int(n)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = self.hooks.before_forward(batch, ctx)
+        # inputs for the online encoders only (data-side balancing); passed only when present
+        online = {"online": batch["online"]} if batch.get("online") else {}
 
         out = self.engine(batch["image"], batch["input_ids"], batch["attention_mask"], alpha=alpha,
-                          idx=batch.get("idx"))
+                          idx=batch.get("idx"), **online)
         self.scorer.apply(out)  # score_v / score_t as balance.score defines them
         loss = self.hooks.loss(out, ctx)
         # one small all-reduce agrees on both policies across ranks: a non-finite loss

@@ -251,9 +251,15 @@ class ALBEF(nn.Module):
     def _hook(self, branch: str, x: torch.Tensor) -> torch.Tensor:
         return x if self.branch_hook is None else self.branch_hook(branch, x)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Image tokens [B, 1 + P, Dv] (CLS first)."""
-        return self._hook("vision", self.visual_encoder.forward_features(images))
+    def encode_image(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image tokens [B, 1 + P, Dv] (CLS first); with ``keep`` [B, K] only the CLS token and
+        those patches pass the encoder ([B, 1 + K, Dv]; the built-in ViT only)."""
+        if keep is None:
+            return self._hook("vision", self.visual_encoder.forward_features(images))
+        if self.cfg.vision.backbone != "vit":
+            raise ValueError(f"patch-token dropout needs the built-in ViT (model.vision.backbone='vit'), "
+                             f"not '{self.cfg.vision.backbone}'")
+        return self._hook("vision", self.visual_encoder.forward_features(images, keep))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text tokens [B, L, Dt] from the text-only layers."""
@@ -279,17 +285,32 @@ class ALBEF(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                alpha: float = 0.0, idx: Optional[torch.Tensor] = None, update: bool = True) -> ALBEFOutput:
+                alpha: float = 0.0, idx: Optional[torch.Tensor] = None, update: bool = True,
+                online: Optional[dict] = None, use_queue: bool = True) -> ALBEFOutput:
         """Losses of one batch.
 
         ``idx`` (image ids, [B]) is required by the retrieval model; in pretraining it is
         optional and only keeps same-image pairs out of the ITM negatives. ``update=False``
-        leaves the momentum weights and the queues untouched (held-out loss measurements).
+        leaves the momentum weights and the queues untouched (held-out loss measurements);
+        ``use_queue=False`` scores ITC against the batch's momentum features only, so that a
+        measurement does not depend on what the queue holds.
+
+        ``online`` replaces inputs of the *online* encoders only (data-side balancing); the
+        momentum passes, and so the ITC and MLM distillation targets and the queues, see the
+        clean ``image`` / ``input_ids`` / ``attention_mask``. Keys, each optional:
+        ``image`` (same shape as ``image``), ``patch_keep`` ([B, K] patch indices the online
+        ViT keeps), ``input_ids`` and ``attention_mask`` (same shape as the clean ones; the
+        MLM labels and masking positions come from the clean ids, and a position whose online
+        id differs from the clean one keeps the online id in the masked copy too).
         """
         cfg = self.cfg
         if self.retrieval and idx is None:
             raise ValueError("the retrieval model needs image ids (idx) for every pair")
         B = image.shape[0]
+        online = _check_online(online, image, input_ids)
+        image_on = online.get("image", image)
+        ids_on = online.get("input_ids", input_ids)
+        mask_on = online.get("attention_mask", attention_mask)
         temp = self.temperature()
         distill = cfg.distill
 
@@ -300,13 +321,20 @@ class ALBEF(nn.Module):
                                              cfg.mlm_probability)
             ids_both = torch.cat([input_ids, masked_ids])
             mask_both = torch.cat([attention_mask, attention_mask])
+            if ids_on is not input_ids or mask_on is not attention_mask:
+                # the online copy: weakened positions stay weakened in the masked text too
+                masked_on = torch.where(ids_on != input_ids, ids_on, masked_ids)
+                ids_both_on, mask_both_on = torch.cat([ids_on, masked_on]), torch.cat([mask_on, mask_on])
+            else:
+                ids_both_on, mask_both_on = ids_both, mask_both
         else:
             ids_both, mask_both = input_ids, attention_mask
+            ids_both_on, mask_both_on = ids_on, mask_on
 
         # ---- online unimodal passes
-        image_tokens = self.encode_image(image)
+        image_tokens = self.encode_image(image_on, online.get("patch_keep"))
         image_feat = self.image_feat(image_tokens)
-        text_tokens_both = self.encode_text(ids_both, mask_both)
+        text_tokens_both = self.encode_text(ids_both_on, mask_both_on)
         text_tokens = text_tokens_both[:B]
         text_feat = self.text_feat(text_tokens)
 
@@ -318,11 +346,15 @@ class ALBEF(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
             text_tokens_m_both = self.text_encoder_m.forward_text(ids_both, mask_both)
             text_feat_m = F.normalize(self.text_proj_m(text_tokens_m_both[:B, 0]), dim=-1)
-            # cat copies: the queues may be overwritten below while these are still in use
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
-            pos = itc_positive_mask(B, cfg.queue_size, idx if self.retrieval else None,
-                                    self.idx_queue if self.retrieval else None, device=image.device)
+            if use_queue:
+                # cat copies: the queues may be overwritten below while these are still in use
+                image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)
+                text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
+                queue_len, idx_queue = cfg.queue_size, self.idx_queue if self.retrieval else None
+            else:
+                image_feat_all, text_feat_all = image_feat_m.t(), text_feat_m.t()
+                queue_len, idx_queue = 0, self.idx_queue[:, :0] if self.retrieval else None
+            pos = itc_positive_mask(B, queue_len, idx if self.retrieval else None, idx_queue, device=image.device)
             if distill:
                 i2t_targets = itc_targets(pos, image_feat_m @ text_feat_all / temp, alpha)
                 t2i_targets = itc_targets(pos, text_feat_m @ image_feat_all / temp, alpha)
@@ -354,11 +386,11 @@ class ALBEF(nn.Module):
         # key/value FLOPs than projecting the gathered images, the same numbers).
         arange = torch.arange(B, device=image.device)
         text_in = [text_tokens, text_tokens, text_tokens[neg_text]]
-        mask_in = [attention_mask, attention_mask, attention_mask[neg_text]]
+        mask_in = [mask_on, mask_on, mask_on[neg_text]]
         image_index = [arange, neg_image, arange]
         if self.mlm_head is not None:
             text_in.append(text_tokens_both[B:])
-            mask_in.append(attention_mask)
+            mask_in.append(mask_on)
             image_index.append(arange)
         fused = self.fuse(torch.cat(text_in), torch.cat(mask_in), image_tokens, image_index=torch.cat(image_index))
 
@@ -440,6 +472,26 @@ class ALBEF(nn.Module):
             return F.cross_entropy(logits.float(), labels[sel])
         h2 = self.encode_text(input_ids, attention_mask)[:, 0]  # new dropout masks
         return self.uni_text_head.loss(text_tokens_both[:B, 0], h2)
+
+
+ONLINE_KEYS = ("image", "patch_keep", "input_ids", "attention_mask")
+
+
+def _check_online(online: Optional[dict], image: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    """``online`` as a dict, its keys and shapes checked against the clean batch."""
+    if not online:
+        return {}
+    unknown = sorted(set(online) - set(ONLINE_KEYS))
+    if unknown:
+        raise ValueError(f"online inputs: unknown key(s) {unknown}; expected some of {list(ONLINE_KEYS)}")
+    for key, ref in (("image", image), ("input_ids", input_ids), ("attention_mask", input_ids)):
+        if key in online and online[key].shape != ref.shape:
+            raise ValueError(f"online {key} has shape {tuple(online[key].shape)}, the clean batch "
+                             f"{tuple(ref.shape)}")
+    keep = online.get("patch_keep")
+    if keep is not None and (keep.dim() != 2 or keep.shape[0] != image.shape[0]):
+        raise ValueError(f"online patch_keep must be [B={image.shape[0]}, K], got {tuple(keep.shape)}")
+    return online
 
 
 def prepare_for_training(model: ALBEF, train) -> ALBEF:

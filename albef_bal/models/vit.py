@@ -9,6 +9,7 @@ torchvision at import time.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,13 +109,20 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All tokens after the final norm. ``keep`` [B, K] (patch indices, 0-based, without
+        the CLS token) runs the blocks on the CLS token and those K patches of each image only
+        (patch-token dropout as in FLIP: position embeddings are added first, so every kept
+        token keeps its place); the result is then [B, 1 + K, width]."""
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         pos = self.pos_embed
         if pos.shape[1] != x.shape[1]:  # inputs at another resolution than the weights
             pos = resize_pos_embed(pos, x.shape[1] - 1)
         x = x + pos
+        if keep is not None:
+            patches = torch.gather(x[:, 1:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
