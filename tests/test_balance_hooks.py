@@ -390,8 +390,10 @@ def test_two_ranks_zero2_equal_one_rank_on_the_same_global_batch(equivalence_run
             # (~1e-4 relative; ~1e-3 with in-batch measurements, whose loss differences over a
             # 2-step window are smaller), and MMPareto's per-tensor scale includes tensors whose
             # exact gradient is zero (attention key biases), where |m + u| / |new| is a ratio of
-            # rounding noise (~1e-3 relative on its mean and max)
-            rel = 5e-3 if "/scale_" in k or k.startswith("gblend/w_") else 1e-3
+            # rounding noise (~1e-3 relative on its mean and max). G-Blend's gradient norms scale
+            # with its weights, so they inherit the weights' tolerance
+            rel = 5e-3 if ("/scale_" in k or k.startswith("gblend/w_")
+                           or (variant.startswith("gblend") and k.startswith("grad_norm"))) else 1e-3
             assert y[k] == pytest.approx(x[k], rel=rel, abs=2e-5), (x["step"], k)
             method_keys += k.startswith(("ogm/", "gblend/", "mmpareto/", "relearn/", "weaken/"))
     assert method_keys > 0 or variant == "none"
