@@ -226,7 +226,26 @@ def build_trainer(cfg, batch: dict, zero, device: torch.device, pkg: str = "albe
     trainer.branches = {k: [p for _, p in v] for k, v in model.branch_parameters().items()}
     trainer.metrics = _NoMetrics()
     trainer.hooks.setup(trainer)
+    _setup_step_state(trainer, cfg, pkg)
     return trainer
+
+
+def _setup_step_state(trainer, cfg, pkg: str) -> None:
+    """What ``Trainer.setup()`` adds around the engine and a step reads: the stop requests,
+    the branch score, no update tracking or diagnostics (where the package has them: an older
+    copy loaded by bench/ab_step.py may not)."""
+    from importlib import import_module
+    try:
+        trainer.stop = import_module(f"{pkg}.engine.stopping").StopRequests(0)
+    except ImportError:
+        pass
+    try:
+        trainer.scorer = import_module(f"{pkg}.balance.scores").build_branch_score(cfg)
+    except ImportError:
+        pass
+    else:
+        trainer.scorer.setup(trainer)
+    trainer.updates = trainer.diagnostics = None
 
 
 # ------------------------------------------------------------------------------ measuring
