@@ -76,8 +76,9 @@ def test_study_end_to_end_gate_and_resume(tmp_path, monkeypatch):
     sets = ["train.max_steps=3", "train.micro_batch_size=8", "data.samples_per_epoch=64", "model.queue_size=64",
             "train.log_every=1", "train.tensorboard=false", "eval.k_test=4", "train.wandb_project=p{seed}"]
     out = tmp_path / "study"
+    # diagnostics off here (tests/test_diagnostics.py runs diagnose_checkpoint end to end)
     analysis = study.run_study(str(out), str(tmp_path / "data"), "vision-strong", ["ogm_ge"], [0, 1],
-                               overrides=sets, ranks=1, gate=False, max_minutes=None)
+                               overrides=sets, ranks=1, gate=False, max_minutes=None, diagnose=False)
     saved = json.loads((out / "study.json").read_text())
     assert [a["name"] for a in saved["arms"]] == ["balanced", "imbalanced", "ogm_ge"]
     for a in saved["arms"]:
@@ -92,7 +93,7 @@ def test_study_end_to_end_gate_and_resume(tmp_path, monkeypatch):
     def no_training(*_):
         raise AssertionError("a finished run was trained again")
     again = study.run_study(str(out), str(tmp_path / "data"), "vision-strong", ["ogm_ge"], [0, 1], overrides=sets,
-                            ranks=1, gate=False, max_minutes=None, train_fn=no_training)
+                            ranks=1, gate=False, max_minutes=None, train_fn=no_training, diagnose=False)
     assert again["paired"]["ogm_ge"]["per_seed"] == p["per_seed"]
 
 
