@@ -104,8 +104,20 @@ def test_validation_protocol_end_to_end(tmp_path, monkeypatch):
     sets = ["data.samples_per_epoch=64", "train.micro_batch_size=8", "model.queue_size=64", "train.log_every=2",
             "train.tensorboard=false", "balance.score_every=2", "data.num_workers=0"]
     out = tmp_path / "v"
+    # through the CLI, with checkpoints every 2 steps: the score read back from them
+    from albef_bal.cli import main
+    rc = main(["validate-score", "--output-dir", str(out), "--data-root", str(tmp_path / "data"), "--grade", "strong",
+               "--seeds", "0,1", "--steps", "4", "--ranks", "1", "--from-checkpoints", "--checkpoint-every", "2",
+               *[x for s in sets for x in ("--set", s)]])
+    saved = json.loads((out / "score_validation.json").read_text())
+    assert rc == (0 if saved["passed"] else 1) and saved["source"] == "checkpoints"
+    for row in saved["runs"]:
+        series = checkpoint_scores(str(out / row["corpus"] / f"seed{row['seed']}"))
+        assert [s for s, _, _ in series] == [0, 2, 4]
+        assert row["d"] == pytest.approx(late_difference(series)["d"])
+    # the same runs (reused, not trained again) judged from the metrics log
     r = validate_score(str(out), str(tmp_path / "data"), "uniformity", "strong", [0, 1], steps=4, overrides=sets,
-                       ranks=1)
+                       ranks=1, train_fn=lambda *_: pytest.fail("a finished run was trained again"))
     for corpus in ("none", "vision-strong", "text-strong"):
         for i, seed in enumerate((0, 1)):
             series = read_scores(str(out / corpus / f"seed{seed}" / "metrics.jsonl"))
