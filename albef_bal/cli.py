@@ -136,16 +136,22 @@ def add_study(sub) -> None:
     p.set_defaults(func=run_study_cmd)
 
 
-def run_study_cmd(args) -> int:
-    from .study import run_study
+def _seeds_and_config(command: str, args) -> tuple[list[int], Optional[str]]:
+    """``--seeds`` as integers and the single optional ``--config`` of a multi-run command."""
     if len(args.config) > 1:
-        raise SystemExit("albef-bal study: error: give at most one --config")
+        raise SystemExit(f"albef-bal {command}: error: give at most one --config")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"albef-bal study: error: --seeds must be comma-separated integers, got {args.seeds!r}")
+        raise SystemExit(f"albef-bal {command}: error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    return seeds, (args.config[0] if args.config else None)
+
+
+def run_study_cmd(args) -> int:
+    from .study import run_study
+    seeds, config = _seeds_and_config("study", args)
     run_study(args.output_dir, args.data_root, args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
-              seeds, args.config[0] if args.config else None, args.overrides, args.ranks,
+              seeds, config, args.overrides, args.ranks,
               max_minutes=args.max_minutes or None, gate=not args.no_gate, diagnose=not args.no_diagnose)
     return 0
 
@@ -176,14 +182,9 @@ def add_validate_score(sub) -> None:
 
 def run_validate_score(args) -> int:
     from .score_validation import validate_score
-    if len(args.config) > 1:
-        raise SystemExit("albef-bal validate-score: error: give at most one --config")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"albef-bal validate-score: error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    seeds, config = _seeds_and_config("validate-score", args)
     result = validate_score(args.output_dir, args.data_root, args.score, args.grade, seeds, args.steps,
-                            args.config[0] if args.config else None, args.overrides, args.ranks,
+                            config, args.overrides, args.ranks,
                             from_checkpoints=args.from_checkpoints, checkpoint_every=args.checkpoint_every)
     return 0 if result["passed"] else 1
 

@@ -80,9 +80,7 @@ def checkpoint_scores(run_dir: str, score: str = "uniformity") -> list[tuple[int
                                 "train.keep_last large enough to keep them)")
     model = build_init_model(cfg).eval()
     scorer = HeldOutUniformity(cfg)
-    with torch.random.fork_rng(devices=[]):
-        scorer._setup(SimpleNamespace(module=model, device=torch.device("cpu"), rank=0,
-                                      state=SimpleNamespace(step=0)))
+    scorer.setup(SimpleNamespace(module=model, device=torch.device("cpu"), rank=0, state=SimpleNamespace(step=0)))
     series = [(0, *scorer.values)]
     for step, path in steps:
         states = os.path.join(path, "mp_rank_00_model_states.pt")
