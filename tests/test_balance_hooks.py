@@ -21,7 +21,7 @@ WORKER = os.path.join(HERE, "balance_worker.py")
 
 
 def run_worker(scenario, out, nproc=1, *args):
-    return workers.run_worker(WORKER, scenario, out, nproc, args, port_base=29600)
+    return workers.run_worker(WORKER, scenario, out, nproc, args)
 
 
 def load(path):

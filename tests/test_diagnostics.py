@@ -329,7 +329,7 @@ def test_pretrain_cli_run_diagnoses_itself_and_its_init_is_rebuilt_exactly(tmp_p
 @pytest.mark.slow
 def test_update_ratio_is_zero_for_a_frozen_branch_on_two_ranks(tmp_path, data_corpus):
     workers.run_worker(os.path.join(HERE, "diag_worker.py"), "frozen_vision", tmp_path, 2,
-                       [f"vocab={data_corpus['vocab']}", f"val={data_corpus['val']}"], port_base=30500)
+                       [f"vocab={data_corpus['vocab']}", f"val={data_corpus['val']}"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     speed = [r for r in rows if "update_ratio_vision" in r]
     assert len(speed) == 6

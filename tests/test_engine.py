@@ -90,7 +90,7 @@ def test_param_groups_skip_decay_on_biases_and_1d_and_split_by_branch():
 
 # -------------------------------------------- DeepSpeed runs (subprocesses)
 def run_worker(scenario, out, nproc=2, *args):
-    return workers.run_worker(WORKER, scenario, out, nproc, args, port_base=29500)
+    return workers.run_worker(WORKER, scenario, out, nproc, args)
 
 
 @pytest.mark.slow

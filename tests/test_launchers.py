@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from workers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
@@ -53,7 +55,7 @@ def run(cmd, e=None):
 @pytest.mark.slow
 def test_deepspeed_launcher_two_ranks(corpus, tmp_path):
     out = tmp_path / "run"
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300),
+    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
          "--module", "albef_bal", "pretrain", "-c", "configs/demo/tiny.yaml", *overrides(corpus, out)])
     check_run(out, 2)
 
@@ -64,7 +66,7 @@ def test_launch_script_with_hostfile(corpus, tmp_path):
     hostfile.write_text("localhost slots=2\n")
     out = tmp_path / "run"
     e = env()
-    e.update(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + os.getpid() % 300),
+    e.update(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
              LAUNCH_ARGS="--no_ssh_check")
     res = run(["bash", "launch/pretrain.sh", "configs/demo/tiny.yaml", *overrides(corpus, out)], e)
     assert "--hostfile" in res.stdout + res.stderr or "localhost" in res.stdout + res.stderr
@@ -81,7 +83,7 @@ def test_launch_script_with_hostfile(corpus, tmp_path):
 @pytest.mark.slow
 def test_slurm_variables_give_two_ranks(corpus, tmp_path):
     out = tmp_path / "run"
-    port = str(29000 + os.getpid() % 300)
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         e = env()

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 
 
-def run_worker(worker: str, scenario: str, out, nproc: int, args, port_base: int):
-    """``worker scenario out key=value...`` on ``nproc`` processes; asserts it succeeded.
-    ``port_base`` keeps test files that run at the same time on different ports."""
+def free_port() -> int:
+    """A TCP port nobody listens on now: each launch gets its own, so that tests running at
+    the same time (pytest -n) never meet at one rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(worker: str, scenario: str, out, nproc: int, args):
+    """``worker scenario out key=value...`` on ``nproc`` processes (on a free port); asserts
+    it succeeded."""
     if nproc == 1:
         cmd = [sys.executable, worker, scenario, str(out), *args]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(port_base + os.getpid() % 1000), worker, scenario, str(out), *args]
+               "--master_port", str(free_port()), worker, scenario, str(out), *args]
         env = dict(os.environ)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -38,10 +47,7 @@ def worker_main(scenarios: dict) -> None:
 def torchrun_module(args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m albef_bal ARGS`` as ``nproc`` CPU ranks under torchrun, from this checkout,
     on a free port; returns the finished process (the caller checks it)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
