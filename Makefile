@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 # DeepSpeed: build no CUDA ops at install time; torch: the pinned CPU build.
 PIP_ENV := DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 PYTEST_ARGS ?=
+# The suite runs on two workers (pytest-xdist), each taking whole test files so that the
+# runs a file shares through its module fixtures are made once; the longest files start
+# first (tests/conftest.py). `make test PYTEST_JOBS=` runs it in one process.
+PYTEST_JOBS ?= -n 2 --dist loadfile --no-loadscope-reorder
 # DeepSpeed JIT-compiles a CPU communication op on first use; keep its build cache in the
 # environment it was built for (a shared ~/.cache entry is rebuilt by every other venv)
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
@@ -25,7 +29,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 test: venv
-	$(RUN_ENV) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(RUN_ENV) $(PY) -m pytest -q $(PYTEST_JOBS) $(PYTEST_ARGS) tests
 
 demo: venv
 	$(RUN_ENV) $(VENV)/bin/albef-bal demo $(DEMO_ARGS)
