@@ -142,3 +142,27 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
     s = r["stop_state"]
     assert (s["step"], s["batch_in_epoch"], s["nonfinite_total"], s["nonfinite_in_row"]) == (5, 5, 3, 3)
     assert (r["last_row"]["step"], r["last_row"]["nonfinite_total"]) == (5, 3)
+
+
+@pytest.mark.slow
+def test_deepspeed_builds_its_cpu_op_with_the_environments_own_ninja(tmp_path):
+    """DeepSpeed JIT-builds a CPU communication op with the first ``ninja`` on PATH; two ninja
+    versions (the environment's, installed with deepspeed, and a system one) reject each
+    other's build records, so a PATH that changed between runs rebuilt it every time. The
+    start-up uses the ninja next to the interpreter whatever PATH says, and leaves PATH as it was."""
+    import subprocess
+    import sys
+
+    other = tmp_path / "other_bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 'the ninja of another installation ran' >&2\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    path = str(other) + os.pathsep + os.environ.get("PATH", "")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    start = ("import os; from albef_bal.engine.dist_env import init_distributed; init_distributed(); "
+             "print(os.environ['PATH'])")
+    res = subprocess.run([sys.executable, "-c", start], cwd=tmp_path, env=dict(env, PATH=path), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "another installation" not in res.stderr
+    assert res.stdout.strip().splitlines()[-1] == path

@@ -7,9 +7,11 @@ same command therefore works everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from typing import Optional
+import sys
+from typing import Iterator, Optional
 
 import torch
 
@@ -57,6 +59,28 @@ def fill_env_from_launcher() -> None:
         env["MASTER_PORT"] = str(_free_port())
 
 
+@contextlib.contextmanager
+def _ninja_next_to_python() -> Iterator[None]:
+    """PATH with this interpreter's bin/ first while DeepSpeed starts. On CPU it JIT-builds a
+    communication op with whichever ``ninja`` PATH finds first, and the ninja that pip installs
+    into the environment and the system's do not accept each other's build records (each sees
+    "command line changed"): every switch between an activated and a non-activated environment,
+    or between launchers that differ in PATH, rebuilt the op (30-60 s of both cores)."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH")
+    if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        yield
+        return
+    os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
+    try:
+        yield
+    finally:
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
+
+
 def init_distributed() -> torch.device:
     """Start the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
     import deepspeed
@@ -71,5 +95,6 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        with _ninja_next_to_python():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return device
