@@ -145,7 +145,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_builds_its_cpu_op_with_the_environments_own_ninja(tmp_path):
+def test_deepspeed_builds_its_cpu_op_with_the_environments_own_ninja(tmp_path, monkeypatch):
     """DeepSpeed JIT-builds a CPU communication op with the first ``ninja`` on PATH; two ninja
     versions (the environment's, installed with deepspeed, and a system one) reject each
     other's build records, so a PATH that changed between runs rebuilt it every time. The
@@ -166,3 +166,9 @@ def test_deepspeed_builds_its_cpu_op_with_the_environments_own_ninja(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "another installation" not in res.stderr
     assert res.stdout.strip().splitlines()[-1] == path
+    # an interpreter without ninja beside it (an installed wheel whose environment reaches its
+    # dependencies through a .pth line) finds pip's ninja through the ninja package's files
+    from albef_bal.engine.dist_env import _installed_ninja_dir
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "elsewhere" / "python"))
+    found = _installed_ninja_dir()
+    assert found and os.access(os.path.join(found, "ninja"), os.X_OK) and found != str(other)

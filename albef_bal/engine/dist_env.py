@@ -59,16 +59,32 @@ def fill_env_from_launcher() -> None:
         env["MASTER_PORT"] = str(_free_port())
 
 
-@contextlib.contextmanager
-def _ninja_next_to_python() -> Iterator[None]:
-    """PATH with this interpreter's bin/ first while DeepSpeed starts. On CPU it JIT-builds a
-    communication op with whichever ``ninja`` PATH finds first, and the ninja that pip installs
-    into the environment and the system's do not accept each other's build records (each sees
-    "command line changed"): every switch between an activated and a non-activated environment,
-    or between launchers that differ in PATH, rebuilt the op (30-60 s of both cores)."""
+def _installed_ninja_dir() -> Optional[str]:
+    """The folder of the ``ninja`` executable that pip installed with the ninja package (a
+    DeepSpeed dependency): next to this interpreter, or wherever that package's files say."""
     bindir = os.path.dirname(sys.executable)
+    if os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        return bindir
+    try:  # e.g. an environment that reaches its dependencies through a .pth line
+        from importlib.metadata import PackageNotFoundError, files
+        for f in files("ninja") or ():
+            if f.name == "ninja" and "bin" in f.parts and os.access(f.locate(), os.X_OK):
+                return os.path.dirname(os.path.abspath(f.locate()))
+    except (ImportError, PackageNotFoundError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _installed_ninja_first() -> Iterator[None]:
+    """PATH with the installed ninja first while DeepSpeed starts. On CPU it JIT-builds a
+    communication op with whichever ``ninja`` PATH finds first, and pip's ninja and a system
+    one reject each other's build records ("command line changed"): every start whose PATH
+    differed from the last (an activated environment or not, a launcher that prepends its
+    bin/) rebuilt the op, 30-60 s of both cores."""
+    bindir = _installed_ninja_dir()
     path = os.environ.get("PATH")
-    if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
+    if bindir is None:
         yield
         return
     os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
@@ -95,6 +111,6 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        with _ninja_next_to_python():
+        with _installed_ninja_first():
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return device
