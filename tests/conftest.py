@@ -10,6 +10,17 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Under `make test` two pytest workers share the two cores. A torch op on two OpenMP threads
+# whose second thread waits for a core spins at every barrier meanwhile (a 20 s in-process
+# training test took minutes next to another worker): one thread per worker and for the runs
+# it starts, and threads that sleep instead of spinning where a run asks for more (the demo's
+# launcher gives a single rank every core). Thread counts set by the caller are kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def _load_data_tool(name: str):
     """A module of data_tools/ (a folder of scripts, not a package)."""
