@@ -115,7 +115,7 @@ def test_gradient_view_refuses_a_zero_gradient_deepspeed_did_not_release():
 
 @pytest.mark.slow
 def test_temperature_and_its_zero2_master_copy_are_clamped_on_two_ranks(tmp_path):
-    workers.run_worker(os.path.join(HERE, "step_worker.py"), "temperature", tmp_path, 2, [], port_base=29700)
+    workers.run_worker(os.path.join(HERE, "step_worker.py"), "temperature", tmp_path, 2, [])
     for rank in (0, 1):
         r = json.loads((tmp_path / f"temperature_rank{rank}.json").read_text())
         assert r["param"] == pytest.approx(0.5) and r["master"] == pytest.approx(0.5), r

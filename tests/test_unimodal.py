@@ -309,7 +309,7 @@ def test_official_checkpoint_loads_into_a_model_with_heads(tmp_path):
 # ------------------------------------------------ DeepSpeed, two ranks, resume
 @pytest.mark.slow
 def test_two_rank_run_with_unimodal_losses_resumes_exactly(tmp_path):
-    workers.run_worker(os.path.join(HERE, "unimodal_worker.py"), "resume", tmp_path, 2, [], port_base=29700)
+    workers.run_worker(os.path.join(HERE, "unimodal_worker.py"), "resume", tmp_path, 2, [])
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["first"] == "preempted" and r["resumed_from"] == r["first_step"] < 8 and r["final_step"] == 8
     assert r["max_diff"] < 1e-6, r  # every weight, head, momentum copy and queue entry
@@ -331,7 +331,7 @@ def test_unimodal_loss_ssl_needs_mmpareto_or_gblend_and_both_losses():
 @pytest.fixture(scope="module")
 def mmpareto_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("mmpareto_uni")
-    workers.run_worker(os.path.join(HERE, "unimodal_worker.py"), "mmpareto", out, 1, [], port_base=29750)
+    workers.run_worker(os.path.join(HERE, "unimodal_worker.py"), "mmpareto", out, 1, [])
     return out
 
 
