@@ -1,6 +1,7 @@
 """`albef-bal pretrain` on real (synthetic) shards, started the ways users start it:
 the deepspeed launcher (--num_gpus 2 on CPU, and the hostfile path of launch/pretrain.sh),
 SLURM-style variables, and a plain single process. Two CPU ranks each."""
+import glob
 import json
 import os
 import shutil
@@ -55,9 +56,13 @@ def run(cmd, e=None):
 @pytest.mark.slow
 def test_deepspeed_launcher_two_ranks(corpus, tmp_path):
     out = tmp_path / "run"
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
          "--module", "albef_bal", "pretrain", "-c", "configs/demo/tiny.yaml", *overrides(corpus, out)])
     check_run(out, 2)
+    # the deepspeed launcher sets LOCAL_SIZE, so DeepSpeed's CPU op made one shared-memory
+    # file per rank; the engine removes them once mapped (they used to stay in /dev/shm)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 @pytest.mark.slow

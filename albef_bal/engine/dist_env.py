@@ -113,4 +113,30 @@ def init_distributed() -> torch.device:
     if not dist.is_initialized():
         with _installed_ninja_first():
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if device.type == "cpu":
+            _unlink_shm_buffer()
     return device
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The shared-memory file of DeepSpeed's CPU all-reduce op for this rank (its name as
+    DeepSpeed 0.19.8's ``shm.cpp`` builds it from the user id, MASTER_ADDR and MASTER_PORT)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's file of DeepSpeed's CPU shared-memory all-reduce as soon as every
+    rank has mapped every other's. DeepSpeed creates one (69 MB, RAM-backed) per rank when
+    all ranks are on one machine (LOCAL_SIZE = world size, as the ``deepspeed`` launcher
+    sets) and never deletes it, so each such run leaked them into /dev/shm. The mappings stay
+    valid after the unlink; training never uses the op (it serves inference all-reduce)."""
+    import torch.distributed as dist
+    path = shm_buffer_path(dist.get_rank())
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    dist.barrier()  # every rank returned from the op's initialize: all buffers are mapped
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
