@@ -42,7 +42,8 @@ DEFAULT_PRESET = "vision-medium"
 RETRIEVAL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 # metrics-log keys averaged over the second half of each run ("the method's own signals");
 # the keys of each method's diagnostics start with its name and a slash
-SIGNAL_KEYS = ("score_v", "score_t", "rho_v", "loss_i2t", "loss_t2i", "loss_itm", "loss_mlm")
+SIGNAL_KEYS = ("score_v", "score_t", "rho_v", "loss_i2t", "loss_t2i", "loss_itm", "loss_mlm",
+               "loss_uni_image", "loss_uni_text")
 
 
 @dataclass

@@ -57,6 +57,19 @@ def test_study_paired_statistics_by_hand():
     assert not study.analyse(arms, results, [0, 1, 2])["gate"]["passed"]
 
 
+def test_signal_summary_second_half_means(tmp_path):
+    """The run's signals: second-half means of the scores, the losses (unimodal ones included
+    when logged) and the method diagnostics; eval rows and other keys are left out."""
+    rows = [{"step": 10 * i, "loss": 1.0, "loss_i2t": float(i), "loss_uni_image": -0.1 * i, "ogm/k_v": 1.0,
+             "lr/vision": 0.1, "pairs_per_s": 5.0} for i in range(1, 5)]
+    rows.append({"step": 40, "eval/r_mean": 3.0})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = study.signal_summary(str(path))
+    assert set(out) == {"loss_i2t", "loss_uni_image", "ogm/k_v"}
+    assert out["loss_i2t"] == pytest.approx(3.5) and out["loss_uni_image"] == pytest.approx(-0.35)
+
+
 def test_study_refuses_bad_arguments_before_training(tmp_path, capsys):
     for args, word in ((["--methods", "ogm_ge,bogus"], "bogus"), (["--preset", "vision-shift-mild"], "every split"),
                        (["--seeds", "0"], "at least 2")):
