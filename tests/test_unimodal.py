@@ -396,6 +396,22 @@ def test_gblend_blends_the_chosen_unimodal_losses():
 
 
 # ----------------------------------------------------------------- presets
+def test_init_scale_presets_change_only_their_encoders_init_std():
+    """configs/init_scale/ (the equal-compute reference of meta-init): each preset halves or
+    doubles one encoder's init_std on top of the study config and is a study arm by name."""
+    from albef_bal import study
+    from albef_bal.config import load_config
+    root = os.path.dirname(HERE)
+    base = load_config(os.path.join(root, "configs", "study", "tiny.yaml")).model
+    for enc in ("vision", "text"):
+        for name, factor in (("half", 0.5), ("double", 2.0)):
+            path = study.method_config(f"init_scale/{enc}_{name}")
+            model = load_config([os.path.join(root, "configs", "study", "tiny.yaml"), path]).model
+            other = "text" if enc == "vision" else "vision"
+            assert getattr(model, enc).init_std == pytest.approx(factor * getattr(base, enc).init_std), path
+            assert getattr(model, other).init_std == getattr(base, other).init_std, path
+
+
 def test_presets_load_on_top_of_the_study_config_and_the_study_finds_them():
     import glob
     from albef_bal import study
