@@ -502,9 +502,13 @@ class BalanceConfig:
     # the branch score that the metrics log and the score-reading methods use
     # (albef_bal/balance/scores.py): "itc" = the ITC halves' positive probability (blind to
     # which modality is degraded); "uniformity" = held-out uniformity of each encoder's ITC
-    # features, validated on corpora made imbalanced on purpose
-    score: Literal["itc", "uniformity"] = "itc"
-    score_every: int = 10  # optimizer steps between two held-out measurements (uniformity)
+    # features, validated on corpora made imbalanced on purpose; "unimodal" = how far each
+    # branch's own unimodal loss (model.unimodal) has fallen toward its floor since the first
+    # step (needs both unimodal losses on; not yet validated)
+    score: Literal["itc", "uniformity", "unimodal"] = "itc"
+    # optimizer steps between two held-out measurements (uniformity); the running-mean window
+    # of the unimodal losses (unimodal)
+    score_every: int = 10
     score_split: Optional[str] = None  # held-out retrieval split; null = data.val_split
     score_samples: int = 256  # held-out pairs (first images of the split, first caption each)
     ogm_ge: OGMGEConfig = field(default_factory=OGMGEConfig)
@@ -659,6 +663,10 @@ class Config:
                 raise ConfigError("balance.unimodal_loss=ssl takes each branch's unimodal loss from model.unimodal: "
                                   f"set model.unimodal.image (now {u.image!r}) and model.unimodal.text (now "
                                   f"{u.text!r})")
+        if self.balance.score == "unimodal" and "none" in (self.model.unimodal.image, self.model.unimodal.text):
+            u = self.model.unimodal
+            raise ConfigError("balance.score=unimodal reads each branch's own unimodal loss: set "
+                              f"model.unimodal.image (now {u.image!r}) and model.unimodal.text (now {u.text!r})")
         if 0 < self.data.samples_per_epoch < self.train.micro_batch_size:
             raise ConfigError(f"data.samples_per_epoch ({self.data.samples_per_epoch}) is smaller than one "
                               f"micro batch (train.micro_batch_size={self.train.micro_batch_size})")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from albef_bal import demo
-from albef_bal.balance.scores import uniformity
+from albef_bal.balance.scores import UnimodalProgress, uniformity
+from albef_bal.config import ConfigError, load_config
 from albef_bal.score_validation import checkpoint_scores, judge, late_difference, read_scores, validate_score
 
 
@@ -25,6 +26,62 @@ def test_uniformity_on_constructed_features():
     assert values == sorted(values, reverse=True) and values[-1] < 0.5 * values[0]
     with pytest.raises(ValueError):
         uniformity(basis[:1])
+
+
+def _unimodal_score(image="simsiam", text="mlm", every=3):
+    cfg = load_config("demo/tiny", [f"model.unimodal.image={image}", f"model.unimodal.text={text}",
+                                    "balance.score=unimodal", f"balance.score_every={every}"])
+    score = UnimodalProgress(cfg)
+    score.setup(type("T", (), {"device": torch.device("cpu")})())
+    return score
+
+
+def _step(score, image_losses, text_losses):
+    """One optimizer step of micro batches with these losses; the scores the forward saw."""
+    seen = []
+    for li, lt in zip(image_losses, text_losses):
+        out = type("Out", (), {})()
+        out.loss_uni_image, out.loss_uni_text = torch.tensor(float(li)), torch.tensor(float(lt))
+        out.score_v, out.score_t, out.metrics = torch.tensor(0.5), torch.tensor(0.4), {}
+        score.apply(out)
+        assert out.metrics == {"score_itc_v": torch.tensor(0.5), "score_itc_t": torch.tensor(0.4)}
+        seen.append((float(out.score_v), float(out.score_t)))
+    score.after_step(0)
+    return seen
+
+
+def test_unimodal_score_reads_each_branchs_progress_toward_its_floor():
+    score = _unimodal_score(every=3)
+    # first `every` steps: the reference is their mean, the score reads 0 (SimSiam -0.5, MLM 4.0)
+    for _ in range(3):
+        assert _step(score, [-0.5, -0.5], [4.0, 4.0]) == [(0.0, 0.0)] * 2
+    # image loss halfway to its floor of -1, text unchanged: s_v 0.5 once the window is full
+    for _ in range(3):
+        _step(score, [-0.75, -0.75], [4.0, 4.0])
+    s_v, s_t = (float(x) for x in score.values())
+    assert s_v == pytest.approx(0.5, abs=1e-6) and s_t == pytest.approx(0.0, abs=1e-6)
+    # the text loss falls to 1.0 (three quarters of the way to 0): the text side takes the lead
+    for _ in range(3):
+        _step(score, [-0.75, -0.75], [1.0, 1.0])
+    s_v, s_t = (float(x) for x in score.values())
+    assert s_v == pytest.approx(0.5, abs=1e-6) and s_t == pytest.approx(0.75, abs=1e-6)
+    # the forward of the next step sees these values; a non-finite step leaves them
+    assert _step(score, [float("nan")], [1.0])[0] == pytest.approx((0.5, 0.75), abs=1e-6)
+    assert [float(x) for x in score.values()] == pytest.approx([0.5, 0.75], abs=1e-6)
+    # resume: a fresh score from the state continues identically
+    again = _unimodal_score(every=3)
+    again.load_state_dict(json.loads(json.dumps(score.state_dict())))
+    again.setup(type("T", (), {"device": torch.device("cpu")})())
+    for s in (score, again):
+        _step(s, [-0.9], [0.5])
+    assert again.values().tolist() == score.values().tolist()
+
+
+def test_unimodal_score_needs_both_unimodal_losses():
+    with pytest.raises(ConfigError, match=r"balance\.score=unimodal reads each branch's own unimodal loss: set "
+                                          r"model\.unimodal\.image \(now 'simsiam'\) and model\.unimodal\.text "
+                                          r"\(now 'none'\)"):
+        load_config("demo/tiny", ["model.unimodal.image=simsiam", "balance.score=unimodal"])
 
 
 def test_validation_criteria_by_hand():

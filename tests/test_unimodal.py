@@ -315,6 +315,13 @@ def test_two_rank_run_with_unimodal_losses_resumes_exactly(tmp_path):
     assert r["max_diff"] < 1e-6, r  # every weight, head, momentum copy and queue entry
     assert r["logged"] == ["loss_uni_image", "loss_uni_text"]
     assert all(math.isfinite(x) for x in r["uni_image"] + r["uni_text"])
+    # balance.score=unimodal (score_every 2): 0 until step 2, then moves; same on both ranks
+    # (it is all-reduced; the log is rank 0's) and the same after the resume
+    scores = {step: (v, t) for step, v, t in r["scores"]}
+    assert all(scores[s] == (0.0, 0.0) for s in scores if s <= 3) and any(scores[s] != (0.0, 0.0) for s in scores)
+    resumed = {step: (v, t) for step, v, t in r["scores_resumed"]}
+    assert sorted(resumed) == sorted(scores)
+    assert all(resumed[s] == pytest.approx(scores[s], abs=1e-6) for s in scores), (resumed, scores)
 
 
 # ------------------------------------------- balancing methods: balance.unimodal_loss

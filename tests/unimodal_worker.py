@@ -19,7 +19,8 @@ UNIMODAL = ("model.unimodal.image=simsiam", "model.unimodal.text=simcse", "model
 def resume(out, args):
     """Image SimSiam + text SimCSE (random views and dropout) under ZeRO 2 with accumulation:
     8 uninterrupted steps == a run pre-empted after step 3, resumed, finished."""
-    common = ("train.zero_stage=2", "train.grad_accum=2", "train.max_steps=8", "train.save_every=0", *UNIMODAL)
+    common = ("train.zero_stage=2", "train.grad_accum=2", "train.max_steps=8", "train.save_every=0", *UNIMODAL,
+              "balance.score=unimodal", "balance.score_every=2")
     a = trainer(make_cfg(os.path.join(out, "a"), *common))
     a.run()
     full = flat_state(a.module)
@@ -33,11 +34,15 @@ def resume(out, args):
         with open(os.path.join(out, "a", "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
     rows = [r for r in rows if "loss" in r]
+    with open(os.path.join(out, "b", "metrics.jsonl")) as f:
+        resumed = {r["step"]: r for r in map(json.loads, f) if "loss" in r}  # the last row of each step
     write(out, "result.json", {
         "max_diff": max_diff(full, flat_state(c.module)), "first": first["outcome"], "first_step": first["step"],
         "resumed_from": resumed_from,
         "final_step": second["step"], "logged": sorted(k for k in rows[0] if k.startswith("loss_uni_")) if rows else [],
-        "uni_image": [r["loss_uni_image"] for r in rows], "uni_text": [r["loss_uni_text"] for r in rows]})
+        "uni_image": [r["loss_uni_image"] for r in rows], "uni_text": [r["loss_uni_text"] for r in rows],
+        "scores": [[r["step"], r["score_v"], r["score_t"]] for r in rows],
+        "scores_resumed": [[s, r["score_v"], r["score_t"]] for s, r in sorted(resumed.items())]})
 
 
 def mmpareto(out, args):

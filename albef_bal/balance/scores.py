@@ -20,6 +20,15 @@ reads scores (OGM-GE and the modulation rules, weakening) reads the selected one
   whose inputs lost information (blurred images, captions without attributes) maps
   distinct pairs onto the same feature, and its score falls below the other's. Validated
   on the synthetic corpus (docs/study.md, `albef-bal validate-score`).
+- ``unimodal``: how far each branch's own unimodal loss (``model.unimodal``: image SimSiam
+  or SimCLR, text MLM or SimCSE) has come from its value at the run's first optimizer step
+  toward the lowest value the loss can take: ``(L_first - L) / (L_first - L_floor)``, with
+  ``L`` the loss averaged over ranks and over the last ``balance.score_every`` optimizer
+  steps and ``L_first`` that average over the run's first ``score_every`` steps. 0 until
+  then, 1 at the floor. Free (the losses are computed anyway; one small
+  all-reduce per optimizer step). Whether the two branches' progress is comparable (their
+  losses differ in kind) is what ``albef-bal validate-score --score unimodal`` measures; it
+  has not been validated yet (docs/study.md).
 
 A score is a pair of numbers per optimizer step, the same on every rank.
 """
@@ -38,7 +47,11 @@ from ..config import Config, ConfigError
 
 log = logging.getLogger("albef_bal")
 
-SCORES = ("itc", "uniformity")
+SCORES = ("itc", "uniformity", "unimodal")
+
+# the lowest value of each unimodal loss (models/unimodal.py): SimSiam's negative cosine
+# reaches -1, the cross-entropies (MLM; SimCLR's and SimCSE's InfoNCE) reach 0
+LOSS_FLOOR = {"simsiam": -1.0, "simclr": 0.0, "mlm": 0.0, "simcse": 0.0}
 
 
 def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -172,6 +185,83 @@ class HeldOutUniformity(BranchScore):
             self.measured_at = state.get("measured_at", -1)
 
 
+class UnimodalProgress(BranchScore):
+    """Progress of each branch's own unimodal loss since the first optimizer steps."""
+
+    name = "unimodal"
+
+    def __init__(self, cfg: Config):
+        u = cfg.model.unimodal
+        if "none" in (u.image, u.text):
+            raise ConfigError("balance.score=unimodal reads each branch's own unimodal loss: set "
+                              f"model.unimodal.image (now {u.image!r}) and model.unimodal.text (now {u.text!r})")
+        self.floor = (LOSS_FLOOR[u.image], LOSS_FLOOR[u.text])
+        self.every = cfg.balance.score_every
+        self.window: Optional[torch.Tensor] = None  # this optimizer step's micro-batch losses, summed
+        self.micro = 0
+        # the last `every` steps' (image, text) losses, a ring on the device; the reference
+        # L_first; the number of steps seen. Lists in a checkpoint.
+        self.recent = None
+        self.first = None
+        self.steps = 0
+
+    def setup(self, trainer) -> None:
+        self.device = trainer.device
+        if self.recent is None:
+            self.recent = torch.zeros(self.every, 2, device=self.device)
+        elif not torch.is_tensor(self.recent):  # restored from a checkpoint
+            self.recent = torch.tensor(self.recent, dtype=torch.float32, device=self.device)
+            if self.first is not None:
+                self.first = torch.tensor(self.first, dtype=torch.float32, device=self.device)
+
+    def _mean(self) -> torch.Tensor:
+        n = min(self.steps, self.every)
+        return self.recent[:n].mean(0) if n < self.every else self.recent.mean(0)
+
+    def values(self) -> torch.Tensor:
+        """(s_v, s_t) as a tensor on the device (no host synchronisation); 0 before the first
+        ``every`` steps are done."""
+        if self.first is None or self.steps <= self.every:
+            return torch.zeros(2, device=self.device)
+        floor = torch.tensor(self.floor, dtype=torch.float32, device=self.device)
+        return (self.first - self._mean()) / (self.first - floor).clamp_min(1e-6)
+
+    def apply(self, out) -> None:
+        if out.loss_uni_image is None or out.loss_uni_text is None:
+            raise RuntimeError("balance.score=unimodal: the model returned no unimodal loss")
+        losses = torch.stack([out.loss_uni_image.detach(), out.loss_uni_text.detach()]).float()
+        self.window = losses if self.window is None else self.window + losses
+        self.micro += 1
+        s = self.values()
+        out.metrics["score_itc_v"], out.metrics["score_itc_t"] = out.score_v, out.score_t
+        out.score_v = torch.zeros_like(out.score_v, dtype=torch.float32) + s[0]
+        out.score_t = torch.zeros_like(out.score_t, dtype=torch.float32) + s[1]
+
+    def after_step(self, step: int) -> None:
+        if self.window is None:
+            return
+        w = self.window / self.micro
+        self.window, self.micro = None, 0
+        if D.get_world_size() > 1:
+            dist.all_reduce(w)
+            w = w / D.get_world_size()
+        # a non-finite step (skipped by the trainer) repeats the previous step's losses
+        if self.steps:
+            w = torch.where(torch.isfinite(w), w, self.recent[(self.steps - 1) % self.every])
+        self.recent[self.steps % self.every] = w
+        self.steps += 1
+        if self.steps == self.every:
+            self.first = self._mean().clone()
+
+    def state_dict(self) -> dict:
+        return {"recent": self.recent.tolist() if self.recent is not None else None,
+                "first": self.first.tolist() if self.first is not None else None, "steps": self.steps}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state and state.get("recent") is not None:
+            self.recent, self.first, self.steps = state["recent"], state["first"], int(state["steps"])
+
+
 def _gather_rows(x: torch.Tensor, total: int) -> torch.Tensor:
     world = D.get_world_size()
     size = -(-total // world)
@@ -192,4 +282,6 @@ def build_branch_score(cfg: Config) -> BranchScore:
         return BranchScore()
     if cfg.balance.score == "uniformity":
         return HeldOutUniformity(cfg)
+    if cfg.balance.score == "unimodal":
+        return UnimodalProgress(cfg)
     raise ConfigError(f"balance.score={cfg.balance.score!r}: expected one of {', '.join(SCORES)}")
