@@ -504,7 +504,7 @@ class BalanceConfig:
     # which modality is degraded); "uniformity" = held-out uniformity of each encoder's ITC
     # features, validated on corpora made imbalanced on purpose; "unimodal" = how far each
     # branch's own unimodal loss (model.unimodal) has fallen toward its floor since the first
-    # step (needs both unimodal losses on; not yet validated)
+    # step (needs both unimodal losses on; fails the validation: docs/study.md)
     score: Literal["itc", "uniformity", "unimodal"] = "itc"
     # optimizer steps between two held-out measurements (uniformity); the running-mean window
     # of the unimodal losses (unimodal)

@@ -27,8 +27,8 @@ reads scores (OGM-GE and the modulation rules, weakening) reads the selected one
   steps and ``L_first`` that average over the run's first ``score_every`` steps. 0 until
   then, 1 at the floor. Free (the losses are computed anyway; one small
   all-reduce per optimizer step). Whether the two branches' progress is comparable (their
-  losses differ in kind) is what ``albef-bal validate-score --score unimodal`` measures; it
-  has not been validated yet (docs/study.md).
+  losses differ in kind) is what ``albef-bal validate-score --score unimodal`` measures: it
+  fails (it sees degraded captions, not degraded images; docs/study.md).
 
 A score is a pair of numbers per optimizer step, the same on every rank.
 """
