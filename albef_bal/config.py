@@ -658,19 +658,21 @@ class Config:
             if self.balance.method not in ("mmpareto", "gblend"):
                 raise ConfigError(f"balance.unimodal_loss=ssl is read by balance.method mmpareto and gblend only, "
                                   f"not {self.balance.method!r}; leave it at itc")
-            u = self.model.unimodal
-            if u.image == "none" or u.text == "none":
-                raise ConfigError("balance.unimodal_loss=ssl takes each branch's unimodal loss from model.unimodal: "
-                                  f"set model.unimodal.image (now {u.image!r}) and model.unimodal.text (now "
-                                  f"{u.text!r})")
-        if self.balance.score == "unimodal" and "none" in (self.model.unimodal.image, self.model.unimodal.text):
-            u = self.model.unimodal
-            raise ConfigError("balance.score=unimodal reads each branch's own unimodal loss: set "
-                              f"model.unimodal.image (now {u.image!r}) and model.unimodal.text (now {u.text!r})")
+            self.need_both_unimodal_losses("balance.unimodal_loss=ssl takes each branch's unimodal loss from "
+                                           "model.unimodal")
+        if self.balance.score == "unimodal":
+            self.need_both_unimodal_losses("balance.score=unimodal reads each branch's own unimodal loss")
         if 0 < self.data.samples_per_epoch < self.train.micro_batch_size:
             raise ConfigError(f"data.samples_per_epoch ({self.data.samples_per_epoch}) is smaller than one "
                               f"micro batch (train.micro_batch_size={self.train.micro_batch_size})")
         return self
+
+    def need_both_unimodal_losses(self, why: str) -> None:
+        """Refuse, saying ``why``, unless model.unimodal has an image and a text loss on."""
+        u = self.model.unimodal
+        if "none" in (u.image, u.text):
+            raise ConfigError(f"{why}: set model.unimodal.image (now {u.image!r}) and model.unimodal.text "
+                              f"(now {u.text!r})")
 
 
 def _positive(obj: Any, key: str, *names: str) -> None:

@@ -191,10 +191,8 @@ class UnimodalProgress(BranchScore):
     name = "unimodal"
 
     def __init__(self, cfg: Config):
+        cfg.need_both_unimodal_losses("balance.score=unimodal reads each branch's own unimodal loss")
         u = cfg.model.unimodal
-        if "none" in (u.image, u.text):
-            raise ConfigError("balance.score=unimodal reads each branch's own unimodal loss: set "
-                              f"model.unimodal.image (now {u.image!r}) and model.unimodal.text (now {u.text!r})")
         self.floor = (LOSS_FLOOR[u.image], LOSS_FLOOR[u.text])
         self.every = cfg.balance.score_every
         self.window: Optional[torch.Tensor] = None  # this optimizer step's micro-batch losses, summed
@@ -207,6 +205,7 @@ class UnimodalProgress(BranchScore):
 
     def setup(self, trainer) -> None:
         self.device = trainer.device
+        self.floor_t = torch.tensor(self.floor, dtype=torch.float32, device=self.device)
         if self.recent is None:
             self.recent = torch.zeros(self.every, 2, device=self.device)
         elif not torch.is_tensor(self.recent):  # restored from a checkpoint
@@ -215,16 +214,14 @@ class UnimodalProgress(BranchScore):
                 self.first = torch.tensor(self.first, dtype=torch.float32, device=self.device)
 
     def _mean(self) -> torch.Tensor:
-        n = min(self.steps, self.every)
-        return self.recent[:n].mean(0) if n < self.every else self.recent.mean(0)
+        return self.recent[:min(self.steps, self.every)].mean(0)
 
     def values(self) -> torch.Tensor:
         """(s_v, s_t) as a tensor on the device (no host synchronisation); 0 before the first
-        ``every`` steps are done."""
-        if self.first is None or self.steps <= self.every:
+        ``every`` steps are done (and at that step, where L is L_first)."""
+        if self.first is None:
             return torch.zeros(2, device=self.device)
-        floor = torch.tensor(self.floor, dtype=torch.float32, device=self.device)
-        return (self.first - self._mean()) / (self.first - floor).clamp_min(1e-6)
+        return (self.first - self._mean()) / (self.first - self.floor_t).clamp_min(1e-6)
 
     def apply(self, out) -> None:
         if out.loss_uni_image is None or out.loss_uni_text is None:
