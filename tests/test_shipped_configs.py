@@ -38,8 +38,19 @@ def test_unknown_names_are_refused_with_the_closest_presets(tmp_path, monkeypatc
 def test_deepspeed_json_of_a_preset_is_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("demo/tiny", ["model.queue_size=32", "train.micro_batch_size=16"])
-    assert cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
-    assert build_ds_config(cfg, 2)["zero_optimization"]["stage"] == 2
+    assert cfg.train.deepspeed_config == "configs/deepspeed/zero0.json"
+    assert build_ds_config(cfg, 2)["zero_optimization"]["stage"] == 0
     cfg.train.deepspeed_config = "configs/deepspeed/zero9.json"
     with pytest.raises(ConfigError, match="train.deepspeed_config: file not found: configs/deepspeed/zero9.json"):
         build_ds_config(cfg, 2)
+
+
+def test_the_numerics_preset_restores_bernoulli_masks_and_zero2_on_the_study_preset():
+    from albef_bal.study import method_config
+    fast = load_config("study/tiny")
+    assert fast.model.text.fast_dropout is True
+    assert build_ds_config(fast, 2)["zero_optimization"]["stage"] == 0
+    old = load_config([resolve_config_path("study/tiny"), method_config("numerics/before_fast_cpu")])
+    assert old.model.text.fast_dropout is False
+    assert build_ds_config(old, 2)["zero_optimization"]["stage"] == 2
+    assert old.train.max_steps == fast.train.max_steps == 600

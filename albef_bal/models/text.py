@@ -10,6 +10,7 @@ mode and whose internals change between releases.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,15 +19,85 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+class _DropScale(torch.autograd.Function):
+    """``x`` with the positions of ``drop`` zeroed and the rest scaled by ``scale``; saves
+    only the boolean mask for the backward (a quarter of a float mask's memory)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return x.masked_fill(drop, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        drop, = ctx.saved_tensors
+        return grad.masked_fill(drop, 0).mul_(ctx.scale), None, None
+
+
+def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean mask of ``shape``, each entry True with probability round(p * 2^16) / 2^16
+    (p = 0.1: 0.1000061), independently. Four entries per 64-bit draw of the generator (one
+    16-bit lane each), against one draw per entry for ``torch.rand`` and a slower bernoulli
+    for ``F.dropout``: on the CPU about 4x cheaper than either (bench/NOTES.md section 7)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    threshold = min(round(p * 65536), 65535) - 32768
+    return (words.view(torch.int16)[:n] < threshold).view(shape)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, fast: bool) -> torch.Tensor:
+    """Inverted dropout. With ``fast`` on a CPU tensor the mask comes from :func:`drop_mask`:
+    the distribution of ``F.dropout`` (to 2^-17 in p), not the same masks for a seed.
+    GPU tensors always take ``F.dropout``, whose fused kernel is already cheap there, and so
+    does code being compiled (``train.compile``: inductor generates its own masks)."""
+    if not training or p == 0.0:
+        return x
+    if fast and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _DropScale.apply(x, drop_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
+    return F.dropout(x, p, True)
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with the ``fast`` CPU mask of :func:`dropout` (no parameters, so the
+    state dict is that of ``nn.Dropout``)."""
+
+    def __init__(self, p: float, fast: bool = False):
+        super().__init__()
+        self.p, self.fast = p, fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training, self.fast)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, fast={self.fast}"
+
+
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) with dropout, then times v: what SDPA computes when
+    it has dropout, which on the CPU sends it down its unfused math path (two scalings, a
+    float copy of the mask, an all-masked-row check and a bernoulli mask per call). Here:
+    one scaling of q, the boolean mask as a large negative bias, :func:`dropout`'s fast mask.
+    A query row with every key masked (never the case for text, whose [CLS] is always a
+    token) would attend uniformly instead of returning zeros."""
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+        scores = scores + bias.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    probs = dropout(scores.softmax(-1), p, True, True)
+    return probs @ v
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab_size: int, width: int, max_position: int, type_vocab_size: int,
-                 eps: float, dropout: float, pad_token_id: int = 0):
+                 eps: float, dropout: float, pad_token_id: int = 0, fast_dropout: bool = False):
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
         self.position_embeddings = nn.Embedding(max_position, width)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, fast_dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         L = input_ids.shape[1]
@@ -39,7 +110,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float, kv_width: Optional[int] = None):
+    def __init__(self, width: int, heads: int, dropout: float, kv_width: Optional[int] = None,
+                 fast_dropout: bool = False):
         super().__init__()
         kv_width = kv_width or width
         self.heads = heads
@@ -47,6 +119,7 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, width)
         self.value = nn.Linear(kv_width, width)
         self.dropout = dropout
+        self.fast_dropout = fast_dropout
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 context: Optional[torch.Tensor] = None,
@@ -67,29 +140,33 @@ class BertSelfAttention(nn.Module):
             k, v = k.index_select(0, context_index), v.index_select(0, context_index)
             if mask is not None and mask.shape[0] != 1:
                 mask = mask.index_select(0, context_index)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if p > 0.0 and self.fast_dropout and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            out = attention_with_dropout(q, k, v, mask, p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return out.transpose(1, 2).reshape(B, L, C)
 
 
 class BertSelfOutput(nn.Module):
     """Projection, dropout, residual and post-LN (also the FFN output block: ``BertOutput``)."""
 
-    def __init__(self, in_width: int, width: int, eps: float, dropout: float):
+    def __init__(self, in_width: int, width: int, eps: float, dropout: float, fast_dropout: bool = False):
         super().__init__()
         self.dense = nn.Linear(in_width, width)
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout, fast_dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class BertAttention(nn.Module):
-    def __init__(self, width: int, heads: int, eps: float, dropout: float, kv_width: Optional[int] = None):
+    def __init__(self, width: int, heads: int, eps: float, dropout: float, kv_width: Optional[int] = None,
+                 fast_dropout: bool = False):
         super().__init__()
-        self.self = BertSelfAttention(width, heads, dropout, kv_width)
-        self.output = BertSelfOutput(width, width, eps, dropout)
+        self.self = BertSelfAttention(width, heads, dropout, kv_width, fast_dropout)
+        self.output = BertSelfOutput(width, width, eps, dropout, fast_dropout)
 
     def forward(self, x, mask, context=None, context_index=None):
         return self.output(self.self(x, mask, context, context_index), x)
@@ -106,14 +183,15 @@ class BertIntermediate(nn.Module):
 
 class BertLayer(nn.Module):
     def __init__(self, width: int, heads: int, intermediate: int, eps: float, dropout: float,
-                 cross_width: Optional[int] = None):
+                 cross_width: Optional[int] = None, fast_dropout: bool = False):
         super().__init__()
-        self.attention = BertAttention(width, heads, eps, dropout)
+        self.attention = BertAttention(width, heads, eps, dropout, fast_dropout=fast_dropout)
         self.has_cross = cross_width is not None
         if self.has_cross:
-            self.crossattention = BertAttention(width, heads, eps, dropout, kv_width=cross_width)
+            self.crossattention = BertAttention(width, heads, eps, dropout, kv_width=cross_width,
+                                                fast_dropout=fast_dropout)
         self.intermediate = BertIntermediate(width, intermediate)
-        self.output = BertSelfOutput(intermediate, width, eps, dropout)
+        self.output = BertSelfOutput(intermediate, width, eps, dropout, fast_dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 image: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
@@ -145,10 +223,12 @@ class TextEncoder(nn.Module):
         self.config = text
         self.fusion_layer = text.fusion_layer
         self.embeddings = BertEmbeddings(text.vocab_size, text.width, text.max_position, text.type_vocab_size,
-                                         text.layer_norm_eps, text.dropout, text.pad_token_id)
+                                         text.layer_norm_eps, text.dropout, text.pad_token_id,
+                                         text.fast_dropout)
         self.encoder = BertEncoder([
             BertLayer(text.width, text.heads, text.intermediate, text.layer_norm_eps, text.dropout,
-                      cross_width=encoder_width if i >= text.fusion_layer else None)
+                      cross_width=encoder_width if i >= text.fusion_layer else None,
+                      fast_dropout=text.fast_dropout)
             for i in range(text.layers)])
         self.grad_checkpointing = False
         self._init_weights(text.init_std)
