@@ -17,18 +17,22 @@ run's metrics log:
 - ``wall_s``: the whole command, start-up and checkpoints included.
 
 With ``--base REV`` the same command also runs with ``albef_bal/`` taken from git revision
-REV (exported to a temporary directory and put first on PYTHONPATH), alternating the two
-``--repeat`` times (base, this, base, this, ...) so that a shared machine's load falls on
-both alike; the ratio this/base of the medians is printed. The corpus is written by the
+REV (exported to a temporary directory and put first on PYTHONPATH, with REV's ``configs/``
+beside it, so that the base also runs REV's own preset: a change of the demo preset is part of
+the comparison), alternating the two ``--repeat`` times (base, this, base, this, ...) so that
+a shared machine's load falls on both alike; the ratio this/base of the medians is printed. The corpus is written by the
 demo's own code when ``--data-dir`` has none. Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -47,7 +51,7 @@ def read_windows(path: str) -> list[dict]:
     return rows
 
 
-def run_once(args, code_dir: str | None, out_dir: str) -> dict:
+def run_once(args, code_dir: str | None, out_dir: str, config: str) -> dict:
     env_backup = dict(os.environ)
     try:
         if code_dir:
@@ -70,7 +74,7 @@ def run_once(args, code_dir: str | None, out_dir: str) -> dict:
         os.dup2(quiet.fileno(), 1)
         os.dup2(quiet.fileno(), 2)
         try:
-            launch_pretrain([args.config], args.ranks, lambda m: None, overrides)
+            launch_pretrain([config], args.ranks, lambda m: None, overrides)
         finally:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
@@ -93,7 +97,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--ranks", type=int, default=None, help="default: as the demo (2 on 2 cores or more)")
     p.add_argument("--base", default=None, help="git revision to compare against, alternated")
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo", "tiny.yaml"))
+    p.add_argument("--config", default=None,
+                   help="default: configs/demo/tiny.yaml of each side (the base's from REV)")
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "synthetic"))
     p.add_argument("--steady-from", type=int, default=1, help="log windows left out at the start")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -101,22 +106,29 @@ def main() -> int:
 
     from albef_bal.demo import ensure_corpus
     ensure_corpus(args.data_dir, lambda m: print(m, file=sys.stderr))
-    variants = [("this", None)]
+    demo_preset = os.path.join("configs", "demo", "tiny.yaml")
+    variants = [("this", None, args.config or os.path.join(ROOT, demo_preset))]
     if args.base:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from ab_step import export_base
-        # the base runs in the child processes: exported under its own name, first on their PYTHONPATH
-        variants.insert(0, ("base", export_base(args.base, name="albef_bal", import_here=False)))
-    results: dict[str, list[dict]] = {name: [] for name, _ in variants}
+        # the base runs in the child processes: exported under its own name, first on their
+        # PYTHONPATH, with the presets of the same revision beside it
+        code = export_base(args.base, name="albef_bal", import_here=False)
+        data = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", args.base, "configs"],
+                              check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(code, filter="data")
+        variants.insert(0, ("base", code, args.config or os.path.join(code, demo_preset)))
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     root = tempfile.mkdtemp(prefix="albef_demo_steps_")
     for i in range(args.repeat):
         order = variants if i % 2 == 0 else variants[::-1]
-        for name, code in order:
-            r = run_once(args, code, os.path.join(root, f"{name}{i}"))
+        for name, code, config in order:
+            r = run_once(args, code, os.path.join(root, f"{name}{i}"), config)
             results[name].append(r)
             print(json.dumps({"variant": name, "run": i, **{k: v for k, v in r.items() if k != "losses"}}),
                   file=sys.stderr, flush=True)
-    summary = {"steps": args.steps, "repeat": args.repeat, "base": args.base, "set": args.set}
+    summary = {"steps": args.steps, "repeat": args.repeat, "base_rev": args.base, "set": args.set}
     for name, rs in results.items():
         summary[name] = {"steady_steps_per_s": statistics.median(r["steady_steps_per_s"] for r in rs),
                          "wall_s": statistics.median(r["wall_s"] for r in rs),
@@ -127,7 +139,8 @@ def main() -> int:
         summary["speedup_wall"] = round(summary["base"]["wall_s"] / summary["this"]["wall_s"], 3)
         pairs = [t["steady_steps_per_s"] / b["steady_steps_per_s"] for b, t in zip(results["base"], results["this"])]
         summary["speedup_steady_pairs"] = [round(x, 3) for x in pairs]
-        # same seed, same data: the logged losses tell whether the numbers changed
+        # same seed, same data: the logged losses tell whether the numbers changed (they do
+        # when the two sides' presets or numerics differ)
         summary["max_logged_loss_diff"] = max(abs(x - y) for b, t in zip(results["base"], results["this"])
                                               for x, y in zip(b["losses"], t["losses"]))
     print(json.dumps(summary))

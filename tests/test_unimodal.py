@@ -154,7 +154,9 @@ def test_each_loss_is_finite_and_decreases_on_a_tiny_run(image, text):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     images, ids, mask = batch(size=8)
     values = {"image": [], "text": []}
-    for _ in range(15):
+    # 30 steps, means of five: the MLM loss draws new masked positions and dropout masks every
+    # step, and over 15 steps its decrease at one seed ranged 2-17% across seeds
+    for _ in range(30):
         out = model(images, ids, mask, alpha=0.0)
         for tower, loss in (("image", out.loss_uni_image), ("text", out.loss_uni_text)):
             assert torch.isfinite(loss)
@@ -163,7 +165,7 @@ def test_each_loss_is_finite_and_decreases_on_a_tiny_run(image, text):
         out.total().backward()
         opt.step()
     for tower, v in values.items():
-        first, last = sum(v[:3]) / 3, sum(v[-3:]) / 3
+        first, last = sum(v[:5]) / 5, sum(v[-5:]) / 5
         assert last < first - 0.05 * abs(first) - 0.01, (tower, v)
 
 
