@@ -65,8 +65,9 @@ class TextConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
-    # on the CPU, draw training dropout masks as `rand < p` and run training attention without
-    # SDPA's math path (same distribution, about 2.4x cheaper masks; bench/NOTES.md section 7);
+    # on the CPU, draw training dropout masks from 16-bit lanes of the generator's 64-bit words
+    # and run training attention without SDPA's math path (same distribution, about 4x cheaper
+    # masks; bench/NOTES.md section 7);
     # false keeps torch's bernoulli masks and SDPA, bit-identical to releases before the switch.
     # No effect on GPUs (torch's fused dropout) or without dropout (evaluation).
     fast_dropout: bool = True

@@ -20,8 +20,9 @@ With ``--base REV`` the same command also runs with ``albef_bal/`` taken from gi
 REV (exported to a temporary directory and put first on PYTHONPATH, with REV's ``configs/``
 beside it, so that the base also runs REV's own preset: a change of the demo preset is part of
 the comparison), alternating the two ``--repeat`` times (base, this, base, this, ...) so that
-a shared machine's load falls on both alike; the ratio this/base of the medians is printed. The corpus is written by the
-demo's own code when ``--data-dir`` has none. Prints one JSON object.
+a shared machine's load falls on both alike; the ratio this/base of the medians is printed.
+The corpus is written by the demo's own code when ``--data-dir`` has none. Prints one JSON
+object.
 """
 from __future__ import annotations
 

@@ -46,6 +46,12 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return (words.view(torch.int16)[:n] < threshold).view(shape)
 
 
+def _fast_cpu_path(fast: bool, x: torch.Tensor) -> bool:
+    """Whether the fast masks apply: asked for, a CPU tensor, and not inside code being
+    compiled (``train.compile``: inductor generates its own masks)."""
+    return fast and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def dropout(x: torch.Tensor, p: float, training: bool, fast: bool) -> torch.Tensor:
     """Inverted dropout. With ``fast`` on a CPU tensor the mask comes from :func:`drop_mask`:
     the distribution of ``F.dropout`` (to 2^-17 in p), not the same masks for a seed.
@@ -53,7 +59,7 @@ def dropout(x: torch.Tensor, p: float, training: bool, fast: bool) -> torch.Tens
     does code being compiled (``train.compile``: inductor generates its own masks)."""
     if not training or p == 0.0:
         return x
-    if fast and x.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _fast_cpu_path(fast, x):
         return _DropScale.apply(x, drop_mask(x.shape, p, x.device), 1.0 / (1.0 - p))
     return F.dropout(x, p, True)
 
@@ -141,7 +147,7 @@ class BertSelfAttention(nn.Module):
             if mask is not None and mask.shape[0] != 1:
                 mask = mask.index_select(0, context_index)
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and self.fast_dropout and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if p > 0.0 and _fast_cpu_path(self.fast_dropout, q):
             out = attention_with_dropout(q, k, v, mask, p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
