@@ -153,18 +153,34 @@ def interrupted_save(out, args):
 
 
 class NaNAt(TrainHooks):
-    """Return a NaN loss at the given optimizer steps."""
+    """Return a NaN loss at the given optimizer steps (on one rank and micro step only, when
+    given); record whether the skipped window's gradient reached the step as zeros and whether
+    the parameters moved."""
 
-    def __init__(self, steps):
+    def __init__(self, steps, rank=None, micro=None):
         self.steps = set(steps)
+        self.rank, self.micro = rank, micro
         self.before = {}
+        self.at_step = {}
+
+    def before_forward(self, batch, ctx):
+        if ctx.step in self.steps and ctx.micro == 0:  # every rank: the trained weights before the window
+            self.before[ctx.step] = {n: p.detach().clone() for n, p in self.trainer.module.named_parameters()
+                                     if p.requires_grad}
+        return batch
 
     def loss(self, out, ctx):
         loss = super().loss(out, ctx)
-        if ctx.step in self.steps:
-            self.before[ctx.step] = {n: p.detach().clone() for n, p in self.trainer.module.named_parameters()}
-            return loss * float("nan")
-        return loss
+        hit = (ctx.step in self.steps and (self.rank is None or D.get_rank() == self.rank)
+               and (self.micro is None or ctx.micro == self.micro))
+        return loss * float("nan") if hit else loss
+
+    def before_step(self, ctx):
+        from albef_bal.engine.grads import grad_views
+        flats = [v.flat for v in grad_views(p for p in self.trainer.module.parameters() if p.requires_grad)
+                 if v.flat is not None and v.flat.numel()]
+        self.at_step[ctx.step] = {"skipped": self.trainer.window_skipped,
+                                  "grad_abs_max": max(float(f.abs().max()) for f in flats)}
 
     def after_step(self, ctx):
         if ctx.step in self.before:
@@ -193,6 +209,23 @@ def nonfinite(out, args):
                                "final_step": res["step"], "losses_finite": all(x == x for x in losses(cfg.train.output_dir)),
                                "stopped": stopped, "stop_ckpt": os.path.basename(t2.ckpt.latest() or ""),
                                "stop_state": stop_state, "last_row": last_row})
+
+
+def nonfinite_one_rank(out, args):
+    """Two ranks, ZeRO 2, two micro steps per window: a NaN loss on rank 1's first micro step
+    alone skips the window on both ranks, with the whole window's gradient zeroed."""
+    cfg = make_cfg(out, "train.max_steps=4", "train.save_every=0", "train.zero_stage=2", "train.grad_accum=2")
+    hooks = NaNAt([2], rank=1, micro=0)
+    t = trainer(cfg, hooks=hooks)
+    res = t.run()
+    params = torch.cat([p.detach().reshape(-1) for p in t.module.parameters()])
+    gathered = [torch.empty_like(params) for _ in range(D.get_world_size())]
+    torch.distributed.all_gather(gathered, params)
+    with open(os.path.join(out, f"rank{D.get_rank()}.json"), "w") as f:
+        json.dump({"unchanged": hooks.unchanged, "skipped": res["nonfinite_total"], "final_step": res["step"],
+                   "at_step": {str(k): v for k, v in hooks.at_step.items()},
+                   "ranks_equal": all(torch.equal(g, gathered[0]) for g in gathered),
+                   "losses": losses(cfg.train.output_dir) if D.is_main_process() else None}, f)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,21 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_skips_the_window_on_every_rank(tmp_path):
+    run_worker("nonfinite_one_rank", tmp_path, 2)
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["unchanged"] and r["skipped"] == 1 and r["final_step"] == 4 and r["ranks_equal"], r
+        # the skipped window reaches the step as zeros, its finite micro step included; the
+        # windows around it carry a gradient
+        assert r["at_step"]["2"] == {"skipped": True, "grad_abs_max": 0.0}, r["at_step"]
+        assert not r["at_step"]["1"]["skipped"] and r["at_step"]["1"]["grad_abs_max"] > 0
+        assert not r["at_step"]["3"]["skipped"] and r["at_step"]["3"]["grad_abs_max"] > 0
+    losses = json.loads((tmp_path / "rank0.json").read_text())["losses"]
+    assert len(losses) == 4 and all(x == x for x in losses)  # the finite micro steps are logged
+
+
+@pytest.mark.slow
 def test_deepspeed_builds_its_cpu_op_with_the_environments_own_ninja(tmp_path, monkeypatch):
     """DeepSpeed JIT-builds a CPU communication op with the first ``ninja`` on PATH; two ninja
     versions (the environment's, installed with deepspeed, and a system one) reject each

@@ -96,7 +96,7 @@ def test_a_steady_trainer_step_reads_back_only_its_policy_flags(tmp_path):
     tr._micro_step(next(batches))
     with gpu_check.HostReads() as reads:
         tr._micro_step(next(batches))  # log_every is 10^9: not a log step
-    # the non-finite / pre-emption flags every rank agrees on before the backward
+    # the non-finite / pre-emption flags every rank agrees on at the accumulation boundary
     assert reads.count == 1 and all("engine/trainer.py" in s for s in reads.sites), reads.sites
 
 

@@ -26,7 +26,7 @@ from ..losses import alpha_schedule
 from .checkpoint import CheckpointManager, seed_host_rngs
 from .dist_env import init_distributed, launcher_pid
 from .ds_config import build_ds_config
-from .grads import branch_grad_norms
+from .grads import branch_grad_norms, grad_views
 from .hooks import StepContext, TrainHooks
 from .metrics import MetricsLogger, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, param_groups
@@ -79,6 +79,7 @@ class Trainer:
         self.stop: Optional[StopRequests] = None
         self.lock: Optional[RunDirLock] = None
         self._window_bad = False
+        self._window_finite: Optional[torch.Tensor] = None  # all of this window's losses finite (this rank)
         self._saved_step: Optional[int] = None
         self._stop_error: Optional[str] = None
         self._skips_since_log: dict = {}
@@ -256,23 +257,31 @@ class Trainer:
                           idx=batch.get("idx"), **online)
         self.scorer.apply(out)  # score_v / score_t as balance.score defines them
         loss = self.hooks.loss(out, ctx)
-        # one small all-reduce agrees on both policies across ranks: a non-finite loss
-        # anywhere skips the window everywhere; a signal anywhere stops everyone together
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
-                             torch.tensor(float(self.stop.requested()), device=loss.device)])
-        if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, preempt = (bool(x) for x in flags.tolist())
-        if nonfinite:
-            self._window_bad = True
-            loss = sum(p.sum() for p in self.module.parameters() if p.requires_grad) * 0.0
-        else:
-            self._accumulate(out, loss)
+        # a non-finite loss is back-propagated like any other (no read-back here): the window's
+        # gradient is zeroed before the step if any micro step on any rank was non-finite
+        finite = torch.isfinite(loss.detach()).reshape(())
+        self._window_finite = finite if self._window_finite is None else self._window_finite & finite
+        self._accumulate(out, loss, finite)
         self.engine.backward(loss)
 
         if not boundary:
             self.engine.step()
             return False
+        # one small all-reduce agrees on both policies across ranks: a non-finite loss
+        # anywhere skips the window everywhere; a signal anywhere stops everyone together. It
+        # comes after the gradient's own reduction, where the ranks are already in step, so
+        # that no rank waits for the other between its forward and backward
+        flags = torch.stack([(~self._window_finite).float(),
+                             torch.tensor(float(self.stop.requested()), device=loss.device)])
+        self._window_finite = None
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, preempt = (bool(x) for x in flags.tolist())
+        if nonfinite:
+            self._window_bad = True
+            for view in grad_views(p for p in self.module.parameters() if p.requires_grad):
+                if view.flat is not None:
+                    view.flat.zero_()
         grad_norms = branch_grad_norms(self.branches) if ctx.log else {}
         self.hooks.before_step(ctx)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
@@ -328,7 +337,8 @@ class Trainer:
     @property
     def window_skipped(self) -> bool:
         """Whether the current accumulation window had a non-finite loss (on any rank): its
-        gradient is zero and its update will be skipped (for hooks' ``before_step``)."""
+        gradient is zero and its update will be skipped. Known from the accumulation
+        boundary on (hooks' ``before_step``), where the ranks agree on it."""
         return self._window_bad
 
     def _sync_skips(self) -> None:
@@ -346,8 +356,9 @@ class Trainer:
                 self.state.data_skipped[r] = self.state.data_skipped.get(r, 0) + int(n)
         self._skips_since_log = {}
 
-    def _accumulate(self, out, loss) -> None:
-        """Running sums of the step's scalars as tensors (no device sync until a log step)."""
+    def _accumulate(self, out, loss, finite: torch.Tensor) -> None:
+        """Running sums of the step's scalars as tensors (no device sync until a log step); a
+        micro step with a non-finite loss counts for nothing."""
         values = {"loss": loss.detach(), "loss_itc": out.loss_itc, "loss_i2t": out.loss_i2t,
                   "loss_t2i": out.loss_t2i, "loss_itm": out.loss_itm, "score_v": out.score_v,
                   "score_t": out.score_t}
@@ -355,22 +366,27 @@ class Trainer:
             if getattr(out, k, None) is not None:
                 values[k] = getattr(out, k)
         values.update(out.metrics)
+        weight = finite.float()
         for k, v in values.items():
-            v = v.detach().float().reshape(())
-            s, n = self._window.get(k, (0.0, 0))
-            self._window[k] = (s + v, n + 1)
+            v = torch.where(finite, v.detach().float().reshape(()), 0.0)
+            s, n = self._window.get(k, (0.0, 0.0))
+            self._window[k] = (s + v, n + weight)
 
     def _log(self, ctx: StepContext, grad_norms: dict, lrs: dict) -> None:
         st = self.state
         keys = sorted(self._window)
+        row = {}
         if keys:
-            means = torch.stack([self._window[k][0] / self._window[k][1] for k in keys])
+            # each rank's window mean, then their mean over the ranks that have one (a rank
+            # whose every micro step was non-finite has none)
+            counts = torch.stack([self._window[k][1] for k in keys])
+            rank_means = torch.stack([self._window[k][0] for k in keys]) / counts.clamp(min=1)
+            both = torch.cat([rank_means, (counts > 0).to(counts.dtype)])
             if self.world > 1:
-                dist.all_reduce(means)
-                means /= self.world
-            row = dict(zip(keys, means.tolist()))
-        else:
-            row = {}
+                dist.all_reduce(both)
+            total, ranks = both.split(len(keys))
+            means = total / ranks.clamp(min=1)
+            row = {k: m for k, m, r in zip(keys, means.tolist(), ranks.tolist()) if r > 0}
         self._window = {}
         now = time.time()
         elapsed = now - self._last_log[0]
