@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,30 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(tensor) for _ in range(get_world_size())]
     dist.all_gather(out, tensor)
     return torch.cat(out, dim=0)
+
+
+class PendingGather:
+    """:func:`concat_all_gather` started without waiting: ``wait()`` returns the concatenation.
+
+    With several ranks the collective runs in the background (gloo's worker threads, NCCL's
+    stream) while this rank goes on computing, so it does not wait there for a slower rank;
+    the ranks meet at the next collective that blocks instead. With one process it is done
+    at once."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach().contiguous()
+        self._out: Optional[torch.Tensor] = tensor
+        self._work = None
+        if get_world_size() > 1:
+            self._parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+            self._work = dist.all_gather(self._parts, tensor, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._out, self._work = torch.cat(self._parts, dim=0), None
+            del self._parts
+        return self._out
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

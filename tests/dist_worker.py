@@ -75,13 +75,18 @@ def queue(out, args):
     torch.manual_seed(0)
     model = ALBEF(cfg.model)
     batch = RandomPairs(cfg).batch(0, 0)
+    before = model.image_queue.clone()
     with torch.no_grad():
         model(batch["image"], batch["input_ids"], batch["attention_mask"])
         mine = torch.nn.functional.normalize(model.vision_proj_m(model.visual_encoder_m(batch["image"])[:, 0]), dim=-1)
+    # with two ranks the write waits for the next use of the queues (or an explicit flush)
+    deferred = torch.equal(model.image_queue, before) and int(model.queue_ptr) == 0
+    in_state_dict = model.state_dict()["image_queue"].clone()  # state_dict completes it
     everyone = D.concat_all_gather(mine)
     B, n = len(mine), len(everyone)
     rank = D.get_rank()
-    res = {"queue_matches_all_ranks": torch.allclose(model.image_queue[:, :n].T, everyone, atol=1e-6),
+    res = {"deferred": deferred, "state_dict_complete": torch.equal(in_state_dict, model.image_queue),
+           "queue_matches_all_ranks": torch.allclose(model.image_queue[:, :n].T, everyone, atol=1e-6),
            "my_slot": torch.allclose(model.image_queue[:, rank * B:(rank + 1) * B].T, mine, atol=1e-6),
            "ptr": int(model.queue_ptr), "world": D.get_world_size()}
     with open(os.path.join(out, f"queue_rank{rank}.json"), "w") as f:

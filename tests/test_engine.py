@@ -110,7 +110,8 @@ def test_queues_hold_features_of_every_rank(tmp_path):
     run_worker("queue", tmp_path)
     for rank in (0, 1):
         r = json.loads((tmp_path / f"queue_rank{rank}.json").read_text())
-        assert r == {"queue_matches_all_ranks": True, "my_slot": True, "ptr": 8, "world": 2}
+        assert r == {"deferred": True, "state_dict_complete": True, "queue_matches_all_ranks": True,
+                     "my_slot": True, "ptr": 8, "world": 2}
 
 
 @pytest.mark.slow

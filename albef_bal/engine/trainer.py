@@ -263,6 +263,11 @@ class Trainer:
         self._window_finite = finite if self._window_finite is None else self._window_finite & finite
         self._accumulate(out, loss, finite)
         self.engine.backward(loss)
+        # the queue write the forward left in flight (models/albef.py): complete within the step
+        # (on every rank: DeepSpeed's checkpoint reads the model's state on rank 0 only)
+        flush_queues = getattr(self.module, "flush_queues", None)
+        if flush_queues is not None:
+            flush_queues()
 
         if not boundary:
             self.engine.step()

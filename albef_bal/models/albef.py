@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..distributed import concat_all_gather
+from .. import distributed as D
 from ..losses import (clamp_temperature, itc_positive_mask, itc_targets, mask_tokens, mlm_loss,
                       positive_score, sample_hard_negatives, soft_cross_entropy)
 from .text import MLMHead, TextEncoder
@@ -199,17 +199,37 @@ class ALBEF(nn.Module):
                             idx: Optional[torch.Tensor] = None) -> None:
         """Write the momentum features of every rank into the queues at the pointer.
 
-        The pointer is used where it lives (on the device): the columns to write are an index
-        tensor, so the step never waits for the device to read it back."""
-        e = image_feat.shape[1]
-        # one gather for both modalities (one collective instead of two)
-        feats = concat_all_gather(torch.cat([image_feat, text_feat.to(image_feat.dtype)], dim=1))
-        image_feats, text_feats = feats[:, :e], feats[:, e:]
-        n = feats.shape[0]
+        With several ranks the features are gathered in the background and written when the
+        queues are next needed (:meth:`flush_queues`: the next forward, ``state_dict``,
+        ``load_state_dict``), so that a rank does not wait here for the others in the middle
+        of its forward; the queues' contents at every use are those of an immediate write.
+        Code that reads the queue buffers directly between a multi-rank training forward and
+        the next one calls :meth:`flush_queues` first. With one process the write is
+        immediate. The pointer is used where it lives (on the device): the columns to write
+        are an index tensor, so the step never waits for the device to read it back."""
+        self.flush_queues()
+        n = image_feat.shape[0] * D.get_world_size()
         q = self.cfg.queue_size
         if q % n:
             raise ValueError(f"model.queue_size ({q}) must be a multiple of the global micro batch "
                              f"(micro batch x ranks = {n})")
+        # one gather for both modalities (one collective instead of two)
+        feats = D.PendingGather(torch.cat([image_feat, text_feat.to(image_feat.dtype)], dim=1))
+        ids = D.PendingGather(idx.view(-1)) if self.retrieval else None
+        self._pending_queue_write = (image_feat.shape[1], feats, ids)
+        if D.get_world_size() == 1:
+            self.flush_queues()
+
+    @torch.no_grad()
+    def flush_queues(self) -> None:
+        """Complete a queue write that :meth:`dequeue_and_enqueue` left in flight (no-op if none)."""
+        pending = self.__dict__.pop("_pending_queue_write", None)
+        if pending is None:
+            return
+        e, feats, ids = pending
+        feats = feats.wait()
+        image_feats, text_feats = feats[:, :e], feats[:, e:]
+        n = feats.shape[0]
         # the pointer is a multiple of n and q a multiple of n: the n columns never wrap
         cols = self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)
         # a non-finite feature (a batch whose loss will be skipped) must not poison the queue
@@ -217,9 +237,17 @@ class ALBEF(nn.Module):
         ok = (torch.isfinite(image_feats).all(1) & torch.isfinite(text_feats).all(1))[None, :]
         for queue, new in ((self.image_queue, image_feats), (self.text_queue, text_feats)):
             queue.index_copy_(1, cols, torch.where(ok, new.T, queue.index_select(1, cols)).to(queue.dtype))
-        if self.retrieval:
-            self.idx_queue.index_copy_(1, cols, concat_all_gather(idx.view(-1)).view(1, -1).to(self.idx_queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + n) % q)
+        if ids is not None:
+            self.idx_queue.index_copy_(1, cols, ids.wait().view(1, -1).to(self.idx_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.cfg.queue_size)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush_queues()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.flush_queues()  # or the write in flight would land on the loaded queues
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for enc in (self.visual_encoder, self.text_encoder):
@@ -306,6 +334,7 @@ class ALBEF(nn.Module):
         cfg = self.cfg
         if self.retrieval and idx is None:
             raise ValueError("the retrieval model needs image ids (idx) for every pair")
+        self.flush_queues()  # the previous step's queue write, if still in flight
         B = image.shape[0]
         online = _check_online(online, image, input_ids)
         image_on = online.get("image", image)
