@@ -93,6 +93,28 @@ def queue(out, args):
         json.dump(res, f)
 
 
+def queue_write_timing(out, args):
+    """Two ranks: training with the queue write completed after the backward (the default)
+    equals training with it completed inside the forward, to the bit."""
+    states, queues_moved = {}, {}
+    for mode in ("deferred", "immediate"):
+        cfg = make_cfg(os.path.join(out, mode), "train.max_steps=6", "train.save_every=0", "model.queue_size=16")
+        t = trainer(cfg)
+        start = t.module.image_queue.clone()
+        if mode == "immediate":
+            model, enqueue = t.module, t.module.dequeue_and_enqueue
+
+            def enqueue_now(*a, **k):
+                enqueue(*a, **k)
+                model.flush_queues()
+            model.dequeue_and_enqueue = enqueue_now
+        t.run()
+        states[mode] = flat_state(t.module)
+        queues_moved[mode] = not torch.equal(states[mode]["image_queue"], start)
+    write(out, "result.json", {"max_diff": max_diff(states["deferred"], states["immediate"]),
+                               "queues_moved": queues_moved})
+
+
 class SignalAt(TrainHooks):
     """Simulate a cluster pre-emption: rank 0 gets SIGUSR1 after optimizer step ``at``."""
 

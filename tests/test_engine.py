@@ -115,6 +115,13 @@ def test_queues_hold_features_of_every_rank(tmp_path):
 
 
 @pytest.mark.slow
+def test_deferred_queue_write_trains_exactly_like_an_immediate_one(tmp_path):
+    run_worker("queue_write_timing", tmp_path)
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r == {"max_diff": 0.0, "queues_moved": {"deferred": True, "immediate": True}}, r
+
+
+@pytest.mark.slow
 def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     run_worker("resume", tmp_path)
     r = json.loads((tmp_path / "result.json").read_text())
