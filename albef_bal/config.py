@@ -71,6 +71,12 @@ class TextConfig:
     # false keeps torch's bernoulli masks and SDPA, bit-identical to releases before the switch.
     # No effect on GPUs (torch's fused dropout) or without dropout (evaluation).
     fast_dropout: bool = True
+    # run the text layers' per-token work (linear layers, GELU, dropout, LayerNorm) on the real
+    # tokens only, packed into one [tokens, width] tensor, and lay them out as [batch, length]
+    # only for attention: padded positions cost nothing. The same function of the real tokens;
+    # dropout masks are drawn over the packed tensor, so with dropout they are other draws than
+    # with false. Outputs at padded positions are 0 (garbage that nothing reads otherwise)
+    pack: bool = False
     init_std: float = 0.02
     # special token ids (BERT wordpiece defaults); set from the tokenizer when it differs
     pad_token_id: int = 0

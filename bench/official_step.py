@@ -3,7 +3,7 @@
 one process (steps alternated), at the same size, batch and threads.
 
     python bench/official_step.py --albef PATH [--size bench-small] [--batch 16] [--threads 2]
-        [--steps 12] [--warmup 3]
+        [--steps 12] [--warmup 3] [--set KEY=VALUE ...]
 
 PATH is a checkout of the official code (github.com/salesforce/ALBEF, commit b9727e4 was
 used; nothing of it is copied here). It was written for transformers 4.8 and timm 0.4, which
@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for this project's side only (e.g. model.text.pack=true)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -129,7 +131,7 @@ def main() -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=0, world_size=1)
 
-    ns = argparse.Namespace(zero=None, threads=args.threads, set=[])
+    ns = argparse.Namespace(zero=None, threads=args.threads, set=args.set)
     cfg = TS.make_config(ns, args.size, args.batch, "fp32", "none", tempfile.mkdtemp())
     batch = TS.make_batch(cfg, args.batch, cfg.data.max_len)
     off, off_opt = official_model(args.albef, cfg)

@@ -321,3 +321,42 @@ def _tokens_before_blocks(vit, images, keep):
         return vit.forward_features(images, keep)
     finally:
         vit.blocks, vit.norm = blocks, norm
+
+
+def _losses_and_grads(cfg, state, images, ids, mask):
+    model = ALBEF(cfg.model)
+    model.load_state_dict(state)
+    torch.manual_seed(5)  # the MLM masks and hard negatives
+    out = model(images, ids, mask, alpha=0.4)
+    out.total().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_packed_text_layers_compute_what_the_padded_ones_do():
+    """``model.text.pack``: the per-token work on the real tokens only gives the same losses
+    and gradients (dropout off), and the text encoder the same real-token states."""
+    cfg = tiny_config("model.text.dropout=0.0")
+    packed_cfg = tiny_config("model.text.dropout=0.0", "model.text.pack=true")
+    torch.manual_seed(0)
+    state = ALBEF(cfg.model).state_dict()
+    images, ids, mask = tiny_batch(cfg, batch=8, length=12)
+    for i, n in enumerate((12, 4, 9, 7, 12, 6, 5, 10)):  # captions of several lengths
+        mask[i, n:] = 0
+        ids[i, n:] = cfg.model.text.pad_token_id
+        ids[i, n - 1] = cfg.model.text.sep_token_id
+    out, grads = _losses_and_grads(cfg, state, images, ids, mask)
+    out_p, grads_p = _losses_and_grads(packed_cfg, state, images, ids, mask)
+    for k in ("loss_itc", "loss_itm", "loss_mlm"):
+        assert torch.allclose(getattr(out, k), getattr(out_p, k), rtol=1e-5, atol=1e-6), k
+    assert grads.keys() == grads_p.keys()
+    for n in grads:
+        assert torch.allclose(grads[n], grads_p[n], rtol=1e-4, atol=1e-6), n
+    enc = ALBEF(packed_cfg.model).text_encoder.eval()
+    with torch.no_grad():
+        packed_states = enc.forward_text(ids, mask)
+        enc.config.pack = False
+        padded_states = enc.forward_text(ids, mask)
+    real = mask.bool()
+    assert torch.allclose(packed_states[real], padded_states[real], atol=1e-5)
+    assert packed_states[~real].abs().max() == 0  # padded positions are zeros, not computed

@@ -115,6 +115,26 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+class Packed:
+    """The real tokens of a padded [B, L] batch as the rows of one [N, C] tensor
+    (``model.text.pack``): the layers' per-token work runs on N = the number of real tokens
+    rows instead of B x L, and attention sees them laid out as [B, L, C] again, with zeros at
+    the padded positions (which attention masks out as keys)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.B, self.L = mask.shape
+        self.index = mask.reshape(-1).nonzero().squeeze(1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] -> [N, C]."""
+        return x.reshape(self.B * self.L, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C] -> [B, L, C], zeros at the padded positions."""
+        out = x.new_zeros(self.B * self.L, x.shape[-1])
+        return out.index_copy(0, self.index, x).view(self.B, self.L, x.shape[-1])
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float, kv_width: Optional[int] = None,
                  fast_dropout: bool = False):
@@ -129,17 +149,27 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 context: Optional[torch.Tensor] = None,
-                context_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context_index: Optional[torch.Tensor] = None,
+                packed: Optional[Packed] = None) -> torch.Tensor:
         """Self-attention, or with ``context`` cross-attention to it. ``context_index`` [B]
         (optional) says which context row each query row attends to: the keys and values
         are projected once per distinct context and gathered, which is what makes ALBEF's
-        fusion pass cheap (its 4B sequences attend to only B distinct images)."""
-        kv = x if context is None else context
-        B, L, C = x.shape
+        fusion pass cheap (its 4B sequences attend to only B distinct images). With
+        ``packed``, ``x`` (and the result) are the packed real tokens [N, C]."""
+        if packed is not None:
+            q_in = packed.unpack(self.query(x))
+            if context is None:
+                k_in, v_in = packed.unpack(self.key(x)), packed.unpack(self.value(x))
+            else:
+                k_in, v_in = self.key(context), self.value(context)
+        else:
+            kv = x if context is None else context
+            q_in, k_in, v_in = self.query(x), self.key(kv), self.value(kv)
+        B, L, C = q_in.shape
         h, d = self.heads, C // self.heads
-        q = self.query(x).view(B, L, h, d).transpose(1, 2)
-        k = self.key(kv).view(kv.shape[0], kv.shape[1], h, d).transpose(1, 2)
-        v = self.value(kv).view(kv.shape[0], kv.shape[1], h, d).transpose(1, 2)
+        q = q_in.view(B, L, h, d).transpose(1, 2)
+        k = k_in.view(k_in.shape[0], k_in.shape[1], h, d).transpose(1, 2)
+        v = v_in.view(v_in.shape[0], v_in.shape[1], h, d).transpose(1, 2)
         if context_index is not None:
             # index_select, not k[index]: its backward is an index_add, several times faster on
             # CPU than the accumulating index_put behind advanced indexing
@@ -151,7 +181,8 @@ class BertSelfAttention(nn.Module):
             out = attention_with_dropout(q, k, v, mask, p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return out.transpose(1, 2).reshape(B, L, C)
+        out = out.transpose(1, 2).reshape(B, L, C)
+        return out if packed is None else packed.pack(out)
 
 
 class BertSelfOutput(nn.Module):
@@ -174,8 +205,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(width, heads, dropout, kv_width, fast_dropout)
         self.output = BertSelfOutput(width, width, eps, dropout, fast_dropout)
 
-    def forward(self, x, mask, context=None, context_index=None):
-        return self.output(self.self(x, mask, context, context_index), x)
+    def forward(self, x, mask, context=None, context_index=None, packed=None):
+        return self.output(self.self(x, mask, context, context_index, packed), x)
 
 
 class BertIntermediate(nn.Module):
@@ -201,10 +232,10 @@ class BertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 image: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
-                image_index: Optional[torch.Tensor] = None):
-        x = self.attention(x, mask)
+                image_index: Optional[torch.Tensor] = None, packed: Optional[Packed] = None):
+        x = self.attention(x, mask, packed=packed)
         if self.has_cross:
-            x = self.crossattention(x, image_mask, image, image_index)
+            x = self.crossattention(x, image_mask, image, image_index, packed)
         return self.output(self.intermediate(x), x)
 
 
@@ -254,12 +285,16 @@ class TextEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _run(self, layers, x, mask, image=None, image_mask=None, image_index=None):
+        packed = None
+        if self.config.pack and mask is not None and len(layers):
+            packed = Packed(mask[:, 0, 0, :])
+            x = packed.pack(x)
         for layer in layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, mask, image, image_mask, image_index, use_reentrant=False)
+                x = checkpoint(layer, x, mask, image, image_mask, image_index, packed, use_reentrant=False)
             else:
-                x = layer(x, mask, image, image_mask, image_index)
-        return x
+                x = layer(x, mask, image, image_mask, image_index, packed)
+        return x if packed is None else packed.unpack(x)
 
     def forward_text(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Embeddings + text-only layers -> text tokens [B, L, width]."""
