@@ -27,12 +27,7 @@ def is_main_process() -> bool:
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, in rank order (no gradient)."""
-    if get_world_size() == 1:
-        return tensor
-    tensor = tensor.contiguous()
-    out = [torch.empty_like(tensor) for _ in range(get_world_size())]
-    dist.all_gather(out, tensor)
-    return torch.cat(out, dim=0)
+    return PendingGather(tensor).wait()
 
 
 class PendingGather:
@@ -43,14 +38,16 @@ class PendingGather:
     the ranks meet at the next collective that blocks instead. With one process it is done
     at once."""
 
+    @torch.no_grad()
     def __init__(self, tensor: torch.Tensor):
-        tensor = tensor.detach().contiguous()
         self._out: Optional[torch.Tensor] = tensor
         self._work = None
         if get_world_size() > 1:
+            tensor = tensor.contiguous()
             self._parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
             self._work = dist.all_gather(self._parts, tensor, async_op=True)
 
+    @torch.no_grad()
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()

@@ -156,15 +156,13 @@ class BertSelfAttention(nn.Module):
         are projected once per distinct context and gathered, which is what makes ALBEF's
         fusion pass cheap (its 4B sequences attend to only B distinct images). With
         ``packed``, ``x`` (and the result) are the packed real tokens [N, C]."""
-        if packed is not None:
-            q_in = packed.unpack(self.query(x))
-            if context is None:
-                k_in, v_in = packed.unpack(self.key(x)), packed.unpack(self.value(x))
-            else:
-                k_in, v_in = self.key(context), self.value(context)
+        # projections of x (packed or not) come out laid out as [B, L, C] for attention
+        layout = packed.unpack if packed is not None else (lambda t: t)
+        q_in = layout(self.query(x))
+        if context is None:
+            k_in, v_in = layout(self.key(x)), layout(self.value(x))
         else:
-            kv = x if context is None else context
-            q_in, k_in, v_in = self.query(x), self.key(kv), self.value(kv)
+            k_in, v_in = self.key(context), self.value(context)
         B, L, C = q_in.shape
         h, d = self.heads, C // self.heads
         q = q_in.view(B, L, h, d).transpose(1, 2)
